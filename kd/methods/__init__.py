@@ -1,0 +1,12 @@
+"""Distillation methods by name: one file each; import it here to register it."""
+
+from kd.methods import logit, pure  # noqa: F401  (registration)
+from kd.methods.base import METHODS, Method, register_method
+
+__all__ = ["METHODS", "Method", "register_method", "build_method"]
+
+
+def build_method(spec, student_shapes, teacher_shapes) -> Method:
+    """The method module for a spec; the temperature is a shared spec field, not an option."""
+    cls = METHODS[spec.method]
+    return cls(student_shapes, teacher_shapes, temperature=spec.temperature, **spec.options)

@@ -1,0 +1,65 @@
+"""What every distillation method is: pure loss functions in its file, plus one thin module.
+
+The module owns the method's learnable parts (connectors, paraphraser, translator); they are
+optimised with the student, saved in checkpoints and restored on resume because they are
+ordinary parameters and buffers of an `nn.Module`. The trainer adds the terms up as
+`(1 - alpha) * CE + alpha * sum(terms)` and logs every term per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+Features = list[Tensor]  # a model's outputs: stage features, then logits last
+Shapes = list[torch.Size]  # the same without the batch dimension
+
+
+class Method(nn.Module):
+    """Base of every method; `options` maps option name -> (default, one-line meaning)."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    reference: ClassVar[str] = ""
+
+    def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes | None, **options: Any) -> None:
+        super().__init__()
+        self.student_shapes = student_shapes
+        self.teacher_shapes = teacher_shapes
+        for key, value in options.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {k: default for k, (default, _) in cls.options.items()}
+
+    def forward(
+        self, student: Features, teacher: Features | None, targets: Tensor, epoch: int
+    ) -> dict[str, Tensor]:
+        """Distillation loss terms by name (`loss_kd`, ...); empty for runs without a teacher."""
+        raise NotImplementedError
+
+    def pretrain(
+        self,
+        teacher: nn.Module,
+        batches: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+        log_metric: Callable[[str, float, int], None],
+    ) -> bool:
+        """Train parts that must exist before the student starts (factor transfer's paraphraser).
+
+        Returns True if it did any work; the trainer then saves the method's state. Most methods
+        have nothing to pre-train.
+        """
+        return False
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name` (CLI, specs, grids)."""
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,162 @@
+"""RunSpec: the identity of one training run.
+
+Every CLI command, MLproject entry point, grid row and Optuna trial becomes a RunSpec first.
+Its `key()` names the one MLflow run that trains it (tag `kd.key`), so a re-run of the same
+spec resumes that run instead of starting another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("teacher", "student")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+class SpecError(ValueError):
+    """Bad user input: the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Every field that defines a run; defaults are the user's recipe (Experiment Charlie)."""
+
+    dataset: str = "cifar100"
+    model: str = "ResNet56"
+    teacher: str | None = None  # teacher model name; None for teachers and pure students
+    method: str = "pure"
+    role: str = "student"
+    alpha: float = 0.0  # loss = (1 - alpha) * CE + alpha * distill; 0 for pure runs
+    temperature: float = 4.0
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options, defaults filled
+    seed: int = 0
+    epochs: int = 150
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()  # epochs where a multistep schedule divides lr by 10
+    label_smoothing: float | None = None  # None -> 0.1 for pure runs, 0.0 for KD runs
+    train_limit: int = 0  # use only the first N training images (0: all); demos and tests
+    val_fraction: float = 0.0  # stratified validation split held out of training (tuning)
+    teacher_weights: str | None = None  # a best.pth that overrides the registry's teacher
+
+    def __post_init__(self) -> None:
+        if self.label_smoothing is None:
+            object.__setattr__(self, "label_smoothing", 0.1 if self.method == "pure" else 0.0)
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "options", dict(sorted(self.options.items())))
+        self._check()
+
+    def _check(self) -> None:
+        from kd.data import DATASETS
+        from kd.methods import METHODS
+        from kd.models import MODELS
+
+        _one_of("dataset", self.dataset, DATASETS, "kd datasets")
+        _one_of("model", self.model, MODELS, "kd models")
+        _one_of("method", self.method, METHODS, "kd methods")
+        _one_of("role", self.role, ROLES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        if self.method == "pure":
+            if self.teacher is not None:
+                raise SpecError("method 'pure' takes no teacher: drop --teacher or choose a KD --method")
+            if self.alpha != 0.0:
+                raise SpecError("method 'pure' has no distillation term: drop --alpha (it must be 0)")
+        else:
+            if self.teacher is None and self.teacher_weights is None:
+                raise SpecError(f"method '{self.method}' needs a teacher: pass --teacher MODEL")
+            if self.role != "student":
+                raise SpecError("a distillation run is a student: drop --role teacher")
+        if self.teacher is not None:
+            _one_of("teacher", self.teacher, MODELS, "kd models")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SpecError(f"alpha {self.alpha} is outside [0, 1]: pass --alpha between 0 and 1")
+        if not self.temperature > 0:
+            raise SpecError(f"temperature {self.temperature} must be positive: pass --temperature > 0")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{name} must be at least 1: pass --{name.replace('_', '-')} >= 1")
+        if self.lr <= 0:
+            raise SpecError(f"lr {self.lr} must be positive: pass --lr > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise SpecError("label_smoothing must be in [0, 1): pass --label-smoothing 0.1 or so")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise SpecError("val_fraction must be in [0, 1): pass --val-fraction 0.1 or so")
+        if self.train_limit < 0:
+            raise SpecError("train_limit must be >= 0 (0 means the whole training set)")
+        known = METHODS[self.method].option_defaults()
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise SpecError(
+                f"method '{self.method}' has no option {', '.join(unknown)}: "
+                f"its options are {', '.join(known) or 'none'} (see kd methods)"
+            )
+
+    @classmethod
+    def create(cls, **fields: Any) -> RunSpec:
+        """Build a spec from user values: None means 'the default', method options are filled in."""
+        from kd.methods import METHODS
+
+        given = {k: v for k, v in fields.items() if v is not None}
+        method = given.get("method", "pure")
+        if method in METHODS:
+            options = METHODS[method].option_defaults()
+            options.update(given.get("options", {}))
+            given["options"] = options
+        if method != "pure" and "alpha" not in given:
+            given["alpha"] = 0.5
+        if method != "pure":
+            given.setdefault("role", "student")
+        return cls(**given)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """Short stable hash of the canonical JSON: the run's identity in MLflow (`kd.key`)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    def params(self) -> dict[str, str]:
+        """MLflow params: the spec flattened, method options under their own names."""
+        d = self.to_dict()
+        options = d.pop("options")
+        d.update(options)
+        return {k: "" if v is None else str(v) for k, v in d.items()}
+
+    def name(self) -> str:
+        """Human-readable MLflow run name."""
+        if self.teacher:
+            return f"{self.dataset}-{self.teacher}-to-{self.model}-{self.method}-a{self.alpha:g}-s{self.seed}"
+        return f"{self.dataset}-{self.model}-{self.role}-s{self.seed}"
+
+    def teacher_spec_hint(self) -> str:
+        """The command that trains this student's teacher, for 'missing teacher' messages."""
+        return f"kd train --dataset {self.dataset} --model {self.teacher} --role teacher --seed {self.seed}"
+
+
+def _one_of(what: str, value: str, valid: Any, listing: str | None = None) -> None:
+    if value not in valid:
+        hint = f" (see {listing})" if listing else ""
+        raise SpecError(f"unknown {what} '{value}': choose one of {', '.join(sorted(valid))}{hint}")
