@@ -24,6 +24,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
     reference: ClassVar[str] = ""
+    # Set by methods with a pre-training stage: the artifact that stores its result in the run,
+    # so a resumed run loads it instead of pre-training again.
+    pretrain_artifact: ClassVar[str | None] = None
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes | None, **options: Any) -> None:
         super().__init__()
@@ -50,10 +53,16 @@ class Method(nn.Module):
     ) -> bool:
         """Train parts that must exist before the student starts (factor transfer's paraphraser).
 
-        Returns True if it did any work; the trainer then saves the method's state. Most methods
-        have nothing to pre-train.
+        `batches()` yields one epoch of augmented, normalised training batches on the device.
+        Returns True if it did any work; the trainer then saves `pretrained_module()` as the
+        artifact `pretrain_artifact` ({'weights': state_dict}). Most methods have nothing to
+        pre-train.
         """
         return False
+
+    def pretrained_module(self) -> nn.Module | None:
+        """The part that `pretrain` trains (saved / restored by the trainer), if any."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {}
