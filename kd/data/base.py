@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,3 +57,39 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     """Per-channel mean and std of uint8 images scaled to [0, 1]."""
     x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an unreachable host fails fast instead of hanging
+
+
+def malformed(path: Path, problem: str, fix: str = "delete it and re-run to download it again") -> DataError:
+    """The one message for a damaged file: which file, what is wrong, how to get a good copy."""
+    return DataError(f"{path} is malformed ({' '.join(problem.split())}); {fix}")
+
+
+def fetch_or_explain(
+    files: Sequence[Path], download: Callable[[], object], url: str, alternative: str = ""
+) -> None:
+    """Download when any of `files` is missing; if that fails (offline), say what to put where.
+
+    A download error's traceback helps nobody on a cluster node without internet, so it becomes
+    one line naming the expected files and the URL to fetch them from on a machine that has it;
+    `alternative` appends other ways to provide the files.
+    """
+    if all(f.exists() for f in files):
+        return
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        download()
+        error = ""
+    except Exception as e:  # any failure to fetch ends in the same advice
+        error = " ".join(f"{type(e).__name__}: {e}".split())  # one line, even for multi-line errors
+    finally:
+        socket.setdefaulttimeout(previous)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise DataError(
+            f"missing {', '.join(missing)} and the download failed ({error or 'no such files in it'}); "
+            f"download {url} on a machine with internet and copy or unpack it so these files exist{alternative}"
+        )
