@@ -1,0 +1,197 @@
+"""The `kd` command. Every RunSpec field is a flag named after the field, with the recipe's default.
+
+Bad input (a `SpecError`) prints one line and exits 2, before any run is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kd.spec import RunSpec, SpecError
+
+EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3
+EXIT_KILLED = 143
+
+# Spec fields that are set by the command itself rather than by a flag.
+NOT_FLAGS = {"options"}
+
+
+def _flag(name: str) -> list[str]:
+    """`--batch-size` and `--batch_size` (the second is what `mlflow run -P` appends)."""
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] if "_" not in name else [dashed, "--" + name]
+
+
+def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
+    """How to read a flag's text, from the field's default value."""
+    if name == "milestones":
+        return lambda text: tuple(int(x) for x in text.split(",") if x.strip())
+    if isinstance(default, bool):
+        return lambda text: text.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float) or name == "label_smoothing":
+        return float
+    return lambda text: None if text in ("", "None", "none") else text
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One flag per RunSpec field, plus one per method option (names as in `kd methods`)."""
+    from kd.methods import METHODS
+
+    group = parser.add_argument_group("run spec (defaults: the Charlie recipe)")
+    for f in dataclasses.fields(RunSpec):
+        if f.name in NOT_FLAGS | skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument(*_flag(f.name), dest=f.name, type=_parser_for(f.name, default), default=None,
+                           help=f"default: {default if default not in (None, ()) else 'see docs'}")
+    options = parser.add_argument_group("method options (see `kd methods`)")
+    seen: set[str] = set()
+    for method in METHODS.values():
+        for name, (default, meaning) in method.options.items():
+            if name not in seen:
+                seen.add(name)
+                options.add_argument(*_flag(name), dest=f"opt.{name}", type=_parser_for(name, default), default=None,
+                                     help=f"{method.name}: {meaning} (default {default})")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
+                        help="MLflow experiment (default kd)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
+    parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
+
+
+def spec_from_args(args: argparse.Namespace, **fixed: Any) -> RunSpec:
+    from kd.methods import METHODS
+
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    given = {k.removeprefix("opt."): v for k, v in vars(args).items() if k.startswith("opt.") and v is not None}
+    method = values.get("method") or "pure"
+    if method in METHODS:
+        foreign = sorted(set(given) - set(METHODS[method].options))
+        if foreign:
+            raise SpecError(f"option {', '.join(foreign)} does not belong to method '{method}': "
+                            f"drop it (see kd methods)")
+    values["options"] = given
+    return RunSpec.create(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args, method="pure", teacher=None, alpha=None)
+    return train_and_report([spec], args)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args, model=args.student, role="student")
+    return train_and_report([spec], args)
+
+
+def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
+    from kd.engine.job import run_specs
+    from kd.tracking.runs import AlreadyFinished
+    from kd.tracking.store import ui_command
+
+    if args.data_root:
+        os.environ["KD_DATA_ROOT"] = args.data_root
+    try:
+        outcomes = run_specs(specs, experiment=args.experiment, device=args.device, force=args.force,
+                             attach_run_id=os.environ.get("MLFLOW_RUN_ID"))
+    except AlreadyFinished as done:
+        print(done)
+        return 0
+    for o in outcomes:
+        print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
+              + (f", registered {o.registered}" if o.registered else ""))
+    print(f"open the MLflow UI: {ui_command()}")
+    return 0
+
+
+def cmd_list(kind: str) -> int:
+    if kind == "models":
+        from kd.models import MODELS
+
+        for info in MODELS.values():
+            print(f"{info.name:12s} {info.description}")
+    elif kind == "datasets":
+        from kd.data import DATASETS
+
+        for d in DATASETS.values():
+            print(f"{d.name:14s} {d.num_classes:4d} classes  {d.channels}x{d.image_size}x{d.image_size}  {d.description}")
+    else:
+        from kd.methods import METHODS
+
+        for m in METHODS.values():
+            print(f"{m.name}: {m.reference}")
+            for name, (default, meaning) in m.options.items():
+                print(f"    --{name.replace('_', '-'):26s} {default!s:>10}  {meaning}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kd.demo import run_demo
+
+    return run_demo(experiment=args.experiment, device=args.device, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd", description="Experiment-tracked knowledge distillation on MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a teacher or a pure student (no distillation)")
+    add_spec_flags(p, skip={"method", "teacher", "alpha", "teacher_weights"})
+    add_run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student from a registered teacher")
+    add_spec_flags(p, skip={"model", "role"})
+    p.add_argument("--student", default="ResNet56", help="student model (default ResNet56)")
+    add_run_flags(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("demo", help="teacher, pure and KD student on digits, offline, in minutes")
+    p.add_argument("--experiment", default="demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.set_defaults(func=cmd_demo)
+
+    for kind in ("models", "datasets", "methods"):
+        p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
+        p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kd.engine.trainer import Stopped, TrainingDiverged
+    from kd.tracking.runs import RunRefused
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "distill" and args.teacher is None:
+        args.teacher = "ResNet112"
+    try:
+        return args.func(args)
+    except RunRefused as busy:
+        print(f"kd: {busy}", file=sys.stderr)
+        return EXIT_BUSY
+    except SpecError as bad:
+        print(f"kd: {bad}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as diverged:
+        print(f"kd: run FAILED: {diverged}", file=sys.stderr)
+        return 1
+    except Stopped as stop:
+        print(f"kd: SIGTERM: checkpoint written, run marked KILLED ({stop})", file=sys.stderr)
+        return EXIT_KILLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

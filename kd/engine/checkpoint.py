@@ -1,0 +1,70 @@
+"""Crash-safe checkpoints, kept as run artifacts so any node can resume the run.
+
+A checkpoint is written to a temporary file, flushed and renamed, then uploaded twice over:
+first the previous good checkpoint as `checkpoint/previous.pth`, then the new one as
+`checkpoint/checkpoint.pth`. A kill during either upload leaves the other intact, so loading
+falls back to the previous one with a warning instead of an unpickling traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd.tracking.runs import RunTracker
+
+NEWEST = "checkpoint/checkpoint.pth"
+PREVIOUS = "checkpoint/previous.pth"
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file, fsync, then rename over `path` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights_only(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointStore:
+    """The checkpoints of one run: a local working copy and the run's artifacts."""
+
+    def __init__(self, tracker: RunTracker, workdir: Path) -> None:
+        self.tracker = tracker
+        self.dir = workdir / tracker.run_id / "checkpoint"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self, state: dict[str, Any]) -> None:
+        newest, previous = self.dir / "checkpoint.pth", self.dir / "previous.pth"
+        if newest.exists():
+            shutil.copyfile(newest, previous)
+            self.tracker.log_file(previous, "checkpoint")
+        save_atomic(state, newest)
+        self.tracker.log_file(newest, "checkpoint")
+
+    def load(self) -> dict[str, Any] | None:
+        """The newest loadable checkpoint of the run, or None if it has none."""
+        download_dir = self.dir / "download"
+        for artifact in (NEWEST, PREVIOUS):
+            path = self.tracker.download(artifact, download_dir)
+            if path is None:
+                continue
+            try:
+                state = load_weights_only(path)
+            except Exception as err:  # truncated or corrupt: fall back to the previous one
+                warnings.warn(f"checkpoint {artifact} of run {self.tracker.run_id} is unreadable ({err}); "
+                              "falling back to the previous checkpoint", stacklevel=2)
+                continue
+            save_atomic(state, self.dir / "checkpoint.pth")  # the base of the next `previous`
+            return state
+        return None

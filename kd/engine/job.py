@@ -1,0 +1,210 @@
+"""One training job: RunSpecs in, finished MLflow runs out.
+
+CLI / MLproject params -> RunSpec -> data and teacher resolved (before any run is touched, so
+bad input leaves nothing half-written) -> find-or-create each spec's run (resume if unfinished)
+-> Trainer -> best.pth, metrics.json, FINISHED, and for teachers the registry alias.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+
+from kd.data import load_dataset
+from kd.data.loader import DeviceData
+from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
+from kd.engine.trainer import Precision, Stopped, Student, Trainer, build_optimizer, build_scheduler
+from kd.methods import build_method
+from kd.models import create_model
+from kd.spec import RunSpec, SpecError
+from kd.tracking.registry import register_teacher, resolve_teacher
+from kd.tracking.runs import RunTracker
+from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
+
+PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    run_id: str
+    best_acc: float
+    final_acc: float
+    registered: str | None = None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError("--device cuda but no CUDA GPU is visible: pass --device cpu or run on a GPU node")
+    return torch.device(name)
+
+
+def check_pack(specs: list[RunSpec]) -> None:
+    for name in PACK_FIELDS:
+        values = {getattr(s, name) for s in specs}
+        if len(values) > 1:
+            raise SpecError(f"packed students must share {name} (got {sorted(map(str, values))}): split the pack")
+
+
+def seeded_build(seed: int, build: Any) -> Any:
+    """Build a module from a fixed RNG state, so a student's init is the same solo or packed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def output_shapes(model: torch.nn.Module, data: DeviceData) -> list[torch.Size]:
+    x = torch.zeros(2, data.in_channels, data.image_size, data.image_size, device=data.train.images.device)
+    model.eval()
+    with torch.no_grad():
+        return [o.shape[1:] for o in model(x)]
+
+
+def load_teacher(client: MlflowClient, spec: RunSpec, data: DeviceData, device: torch.device, tmp: Path):
+    path, source = resolve_teacher(client, spec, tmp)
+    teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
+    try:
+        teacher.load_state_dict(load_weights_only(path)["weights"])
+    except (KeyError, RuntimeError) as err:
+        raise SpecError(f"teacher weights {path} do not fit {spec.teacher}: {str(err).splitlines()[0]}") from None
+    return teacher.to(device).eval().requires_grad_(False), source
+
+
+@contextmanager
+def sigterm_flag():
+    """SIGTERM (walltime, qdel, scancel) sets a flag the trainer checks at the next batch."""
+    state = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        state["stop"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield lambda: state["stop"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_specs(
+    specs: list[RunSpec],
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    device: str = "auto",
+    force: bool = False,
+    attach_run_id: str | None = None,
+    progress: bool | None = None,
+) -> list[Outcome]:
+    """Train a pack of specs (usually one) to completion as MLflow runs."""
+    check_pack(specs)
+    first = specs[0]
+    dev = pick_device(device)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    client = get_client()
+    with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
+                          first.train_limit)
+        teacher, source = (None, None)
+        if first.method != "pure" or first.teacher:
+            teacher, source = load_teacher(client, first, data, dev, tmp)
+        trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id) for s in specs]
+        students: list[Student] = []
+        try:
+            for spec, tracker in zip(specs, trackers, strict=True):
+                if source:
+                    tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
+                students.append(make_student(spec, tracker, data, dev, tmp))
+            for student in students:
+                pretrain_once(student, teacher, data)
+            with sigterm_flag() as should_stop:
+                stops = [t.heartbeat() for t in trackers]
+                try:
+                    Trainer(students, data, teacher, Precision.for_device(dev), should_stop, progress).run()
+                finally:
+                    for stop in stops:
+                        stop.set()
+        except Stopped as stop:
+            for t in trackers:
+                t.end("KILLED", str(stop))
+            raise
+        except BaseException as err:
+            for t in trackers:
+                t.end("FAILED", f"{type(err).__name__}: {err}")
+            raise
+        return [finish(s, tmp) for s in students]
+
+
+def make_student(spec: RunSpec, tracker: RunTracker, data: DeviceData, device: torch.device, tmp: Path) -> Student:
+    model = seeded_build(spec.seed, lambda: create_model(spec.model, data.num_classes, data.in_channels,
+                                                         data.image_size)).to(device)
+    student_shapes = output_shapes(model, data)
+    teacher_shapes = None
+    if spec.teacher:
+        probe = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size).to(device)
+        teacher_shapes = output_shapes(probe, data)
+    method = seeded_build(spec.seed + 1, lambda: build_method(spec, student_shapes, teacher_shapes)).to(device)
+    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    optimizer = build_optimizer(spec, params)
+    student = Student(spec, tracker, CheckpointStore(tracker, tmp), model, method, optimizer,
+                      build_scheduler(spec, optimizer), Precision.for_device(device).scaler())
+    state = student.checkpoints.load() if tracker.resumed else None
+    if state is not None:
+        student.restore(state)
+        print(f"[{spec.name()}] resuming run {tracker.run_id} after epoch {student.epoch}"
+              + (f", batch {student.batch}" if student.batch else ""), flush=True)
+    return student
+
+
+def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData) -> None:
+    """Run a method's pre-training stage once per run; a resumed run restores it from the artifact."""
+    artifact, module = s.method.pretrain_artifact, s.method.pretrained_module()
+    if artifact is None or module is None or s.epoch > 0 or s.batch > 0:
+        return  # nothing to pre-train, or the checkpoint already holds it
+    saved = s.tracker.download(artifact, s.checkpoints.dir / "pretrained")
+    if saved is not None:
+        module.load_state_dict(load_weights_only(saved)["weights"])
+        return
+    epochs = iter(range(-1, -(10**9), -1))  # pre-training epochs draw from their own seeds
+
+    def batches() -> Any:
+        return data.train_batches(next(epochs), s.spec.batch_size)
+
+    def log_metric(key: str, value: float, step: int) -> None:
+        s.tracker.client.log_metric(s.tracker.run_id, key, value, step=step)
+
+    if s.method.pretrain(teacher, batches, log_metric):
+        path = s.checkpoints.dir / artifact
+        save_atomic({"weights": module.state_dict()}, path)
+        s.tracker.log_file(path)
+
+
+def finish(s: Student, tmp: Path) -> Outcome:
+    """best.pth and metrics.json, FINISHED, then (teachers) the registry alias."""
+    best = tmp / s.tracker.run_id / "best.pth"
+    save_atomic({"weights": s.best_weights}, best)
+    s.tracker.log_file(best)
+    history = {k: list(v) for k, v in s.history.items()}
+    s.tracker.log_json("metrics.json", {**history, "config": s.spec.to_dict()})
+    final_acc = history["test_acc"][-1]
+    client = s.tracker.client
+    client.log_metric(s.tracker.run_id, "best_test_acc", s.best_acc, step=s.epoch)
+    client.log_metric(s.tracker.run_id, "final_test_acc", final_acc, step=s.epoch)
+    s.tracker.end("FINISHED")
+    registered = None
+    if s.spec.role == "teacher":
+        registered = register_teacher(client, s.tracker.run_id, s.spec, s.best_acc)
+    return Outcome(s.spec, s.tracker.run_id, s.best_acc, final_acc, registered)
+
+
+def metrics_json(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    return json.loads(Path(client.download_artifacts(run_id, "metrics.json")).read_text())

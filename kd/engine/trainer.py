@@ -1,0 +1,272 @@
+"""The epoch loop: 1..N students against one teacher and one batch stream.
+
+Per batch the teacher runs once; each student takes its own step with
+`loss = (1 - alpha) * CE + alpha * sum(method terms)`. Per epoch each student is evaluated,
+checkpointed (committed first) and then its metrics are logged, so a kill at any moment
+leaves no metric step logged twice or missing: on resume, the steps the checkpoint knows and
+MLflow lacks are logged from the checkpoint's history.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd.data.loader import DeviceData, Split
+from kd.engine.checkpoint import CheckpointStore
+from kd.methods.base import Method
+from kd.spec import RunSpec
+from kd.tracking.runs import RunTracker
+
+MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or a run of skipped optimiser steps: the run stops as FAILED."""
+
+
+class Stopped(Exception):
+    """SIGTERM arrived; checkpoints were written and the runs are to be marked KILLED."""
+
+
+@dataclass
+class Precision:
+    """Autocast settings: bf16 on GPUs that have it, fp16 + GradScaler on older ones, fp32 on CPU."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Precision:
+        if device.type != "cuda":
+            return cls(device, None)
+        return cls(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+
+@dataclass
+class Student:
+    """One run being trained: its model, method, optimiser and progress."""
+
+    spec: RunSpec
+    tracker: RunTracker
+    checkpoints: CheckpointStore
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed of epoch + 1 (non-zero only after a mid-epoch stop)
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    history: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    best_acc: float = -1.0
+    best_weights: dict[str, Tensor] | None = None
+    skipped_in_a_row: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly (loads with weights_only=True)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "sums": dict(self.sums),
+            "history": dict(self.history),
+            "best_acc": self.best_acc,
+            "best_weights": self.best_weights,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.sums = defaultdict(float, state["sums"])
+        self.history = defaultdict(list, {k: list(v) for k, v in state["history"].items()})
+        self.best_acc, self.best_weights = state["best_acc"], state["best_weights"]
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def catch_up_metrics(self) -> None:
+        """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""
+        logged = self.tracker.logged_steps("test_acc")
+        for epoch in range(1, self.epoch + 1):
+            if epoch not in logged:
+                self.tracker.log_epoch(epoch, {k: v[epoch - 1] for k, v in self.history.items()})
+
+
+def build_optimizer(spec: RunSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def build_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch: cosine over all epochs (the recipe), multistep, or constant."""
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    if spec.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.milestones), gamma=0.1)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, split: Split, precision: Precision) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in percent) on a split, in eval mode."""
+    model.eval()
+    loss, correct = torch.zeros((), device=precision.device), torch.zeros((), device=precision.device)
+    for x, y in data.eval_batches(split, 1024):
+        with precision.autocast():
+            logits = model(x)[-1].float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss.item() / len(split), 100.0 * correct.item() / len(split)
+
+
+class Trainer:
+    """Runs the epochs of a pack of students that share data, seed, teacher and batch size."""
+
+    def __init__(
+        self,
+        students: list[Student],
+        data: DeviceData,
+        teacher: nn.Module | None,
+        precision: Precision,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: bool | None = None,
+    ) -> None:
+        self.students, self.data, self.teacher, self.precision = students, data, teacher, precision
+        self.should_stop = should_stop
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.spec = students[0].spec
+
+    def run(self) -> None:
+        for s in self.students:
+            s.catch_up_metrics()
+        for epoch in range(min(s.epoch for s in self.students) + 1, self.spec.epochs + 1):
+            active = [s for s in self.students if s.epoch < epoch]
+            started = time.perf_counter()
+            self.train_epoch(epoch, active)
+            for s in active:
+                self.finish_epoch(s, epoch, time.perf_counter() - started)
+
+    def train_epoch(self, epoch: int, active: list[Student]) -> None:
+        bs = self.spec.batch_size
+        steps = self.data.steps_per_epoch(bs)
+        start = min(s.batch for s in active)
+        for s in active:
+            s.model.train()
+            s.method.train()
+        batches = self.data.train_batches(epoch, bs, start)
+        if self.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=steps - start, desc=f"epoch {epoch}/{self.spec.epochs}", leave=False)
+        for b, (x, y) in enumerate(batches, start):
+            stepping = [s for s in active if s.batch <= b]
+            teacher_out = None
+            if self.teacher is not None:
+                with torch.no_grad(), self.precision.autocast():
+                    teacher_out = self.teacher(x)
+            for s in stepping:
+                self.step(s, x, y, teacher_out, epoch, b)
+                s.batch = b + 1
+            if self.should_stop() and b + 1 < steps:
+                for s in active:
+                    s.checkpoints.save(s.state())
+                raise Stopped(f"stopped at epoch {epoch}, batch {b + 1}/{steps}")
+
+    def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int) -> None:
+        spec = s.spec
+        with self.precision.autocast():
+            out = s.model(x)
+            ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
+            terms = s.method(out, teacher_out, y, epoch)
+            loss = (1 - spec.alpha) * ce + spec.alpha * sum(terms.values()) if terms else ce
+        values = {"train_loss": loss.item(), "loss_ce": ce.item(), **{k: t.item() for k, t in terms.items()}}
+        if not all(math.isfinite(v) for v in values.values()):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingDiverged(
+                f"non-finite loss in method '{spec.method}' at epoch {epoch}, step {b + 1}: {shown}"
+            )
+        s.optimizer.zero_grad(set_to_none=True)
+        if s.scaler is None:
+            loss.backward()
+            s.optimizer.step()
+        else:
+            self.scaled_step(s, loss, epoch, b, values)
+        n = len(y)
+        for k, v in values.items():
+            s.sums[k] += v * n
+        s.sums["correct"] += (out[-1].argmax(1) == y).sum().item()
+        s.sums["seen"] += n
+
+    def scaled_step(self, s: Student, loss: Tensor, epoch: int, b: int, values: dict[str, float]) -> None:
+        """fp16 step; many skipped steps in a row mean the gradients are broken (the old RKD)."""
+        scale = s.scaler.get_scale()
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.skipped_in_a_row = s.skipped_in_a_row + 1 if s.scaler.get_scale() < scale else 0
+        if s.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingDiverged(
+                f"{MAX_SKIPPED_STEPS} optimiser steps in a row skipped (non-finite gradients) in method "
+                f"'{s.spec.method}' at epoch {epoch}, step {b + 1}: {shown}"
+            )
+
+    def finish_epoch(self, s: Student, epoch: int, seconds: float) -> None:
+        """Evaluate, update best, commit the checkpoint, then log the epoch's metrics."""
+        seen = s.sums.pop("seen")
+        correct = s.sums.pop("correct")
+        metrics = {k: v / seen for k, v in s.sums.items()}
+        metrics["train_acc"] = 100.0 * correct / seen
+        metrics["lr"] = s.optimizer.param_groups[0]["lr"]
+        metrics["test_loss"], metrics["test_acc"] = evaluate(s.model, self.data, self.data.test, self.precision)
+        if len(self.data.val):
+            metrics["val_loss"], metrics["val_acc"] = evaluate(s.model, self.data, self.data.val, self.precision)
+        metrics["epoch_time"] = seconds
+        s.scheduler.step()
+        if metrics["test_acc"] > s.best_acc:
+            s.best_acc = metrics["test_acc"]
+            s.best_weights = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+        for k, v in metrics.items():
+            s.history[k].append(v)
+        s.epoch, s.batch, s.sums = epoch, 0, defaultdict(float)
+        s.checkpoints.save(s.state())
+        s.tracker.log_epoch(epoch, metrics)
+        if not self.progress or len(self.students) > 1:
+            print(
+                f"[{s.spec.name()}] epoch {epoch}/{s.spec.epochs} train_loss {metrics['train_loss']:.4f} "
+                f"train_acc {metrics['train_acc']:.2f} test_acc {metrics['test_acc']:.2f} "
+                f"lr {metrics['lr']:.4g} ({seconds:.1f}s)",
+                flush=True,
+            )

@@ -1,0 +1,78 @@
+"""Relational knowledge distillation (Park, Kim, Lu, Cho 2019, "Relational Knowledge Distillation").
+
+On the pooled embeddings e (global average pool of the last stage) of a batch:
+- distance: pairwise Euclidean distances, each divided by the mean off-diagonal distance of its
+  own network, compared with the Huber (smooth L1) loss (eqs. 2-4);
+- angle: cos of the angle at e_j between (e_i - e_j) and (e_k - e_j) for every triplet (i, j, k),
+  compared with the Huber loss (eqs. 5-6); degenerate triplets (i = j or k = j) count as cos 0
+  on both sides, as in the authors' code.
+
+Collapse guard: d/dx sqrt(x) is infinite at x = 0 (the diagonal, identical samples), which once
+turned every update into NaN (and under AMP into silently skipped steps). Distances here are
+sqrt(max(d^2, eps)) with the diagonal masked by multiplication, so every gradient is finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd.methods.base import Features, Method, register_method
+from kd.methods.features import pooled_embedding
+
+EPS = 1e-12  # floor of squared distances: sqrt has a finite gradient above it, zero below
+
+
+def pairwise_distances(e: Tensor) -> Tensor:
+    """(N, D) -> (N, N) Euclidean distances with a zero diagonal and finite gradients everywhere."""
+    n = e.shape[0]
+    squared = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1)
+    off_diagonal = 1.0 - torch.eye(n, device=e.device, dtype=e.dtype)
+    return squared.clamp_min(EPS).sqrt() * off_diagonal
+
+
+def normalised_distances(e: Tensor) -> Tensor:
+    """Distances divided by their mean over the N(N-1) off-diagonal pairs."""
+    n = e.shape[0]
+    d = pairwise_distances(e)
+    return d / (d.sum() / max(n * (n - 1), 1)).clamp_min(EPS)
+
+
+def triplet_cosines(e: Tensor) -> Tensor:
+    """(N, D) -> (N, N, N): [j, i, k] = cos of the angle at e_j between e_i - e_j and e_k - e_j."""
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [j, i] = unit(e_i - e_j), 0 if equal
+    return diff @ diff.transpose(1, 2)
+
+
+def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Huber loss between the two networks' normalised distance matrices (fp32 embeddings)."""
+    with torch.no_grad():
+        target = normalised_distances(teacher.float())
+    return F.smooth_l1_loss(normalised_distances(student.float()), target)
+
+
+def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Huber loss between the two networks' triplet angle cosines (fp32 embeddings)."""
+    with torch.no_grad():
+        target = triplet_cosines(teacher.float())
+    return F.smooth_l1_loss(triplet_cosines(student.float()), target)
+
+
+@register_method
+class RKD(Method):
+    name = "rkd"
+    reference = "Park et al. 2019, eqs. 2-4 (distance-wise) and 5-6 (angle-wise), Huber loss"
+    options = {
+        "rkd_distance_weight": (25.0, "weight of the distance-wise term (paper: 25)"),
+        "rkd_angle_weight": (50.0, "weight of the angle-wise term (paper: 50)"),
+    }
+    rkd_distance_weight: float = 25.0
+    rkd_angle_weight: float = 50.0
+
+    def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
+        s, t = pooled_embedding(student[-2]), pooled_embedding(teacher[-2].detach())
+        return {
+            "loss_rkd_distance": self.rkd_distance_weight * rkd_distance_loss(s, t),
+            "loss_rkd_angle": self.rkd_angle_weight * rkd_angle_loss(s, t),
+        }

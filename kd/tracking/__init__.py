@@ -1,0 +1,1 @@
+"""MLflow: the store, one run per spec, the teacher registry, queries."""

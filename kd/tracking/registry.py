@@ -1,0 +1,71 @@
+"""Teachers in the MLflow Model Registry: registration is teacher readiness.
+
+A teacher run that trained every epoch is registered as model `{dataset}-{model}` with alias
+`seed{seed}` (e.g. `models:/cifar100-ResNet112@seed0`); students resolve theirs by
+(dataset, teacher model, seed). Nothing else is ever registered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from kd.spec import RunSpec, SpecError
+
+
+class MissingTeacher(SpecError):
+    pass
+
+
+def registered_name(dataset: str, model: str) -> str:
+    return f"{dataset}-{model}"
+
+
+def alias(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def teacher_uri(dataset: str, model: str, seed: int) -> str:
+    return f"models:/{registered_name(dataset, model)}@{alias(seed)}"
+
+
+def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc: float) -> str:
+    """Register a finished teacher's best.pth and point its seed alias at the new version."""
+    name = registered_name(spec.dataset, spec.model)
+    try:
+        client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")
+    except MlflowException:  # it exists already
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/best.pth"
+    tags = {"dataset": spec.dataset, "model": spec.model, "seed": str(spec.seed), "test_acc": f"{test_acc:.2f}",
+            "kd.key": spec.key()}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias(spec.seed), version.version)
+    return f"{name}@{alias(spec.seed)} (version {version.version})"
+
+
+def teacher_run_id(client: MlflowClient, dataset: str, model: str, seed: int) -> str | None:
+    """The run of the registered teacher for (dataset, model, seed), or None."""
+    try:
+        return client.get_model_version_by_alias(registered_name(dataset, model), alias(seed)).run_id
+    except MlflowException:
+        return None
+
+
+def resolve_teacher(client: MlflowClient, spec: RunSpec, dst: Path) -> tuple[Path, str]:
+    """A student's teacher weights: `--teacher-weights` if given, else the registry alias.
+
+    Returns the local best.pth and where it came from (logged as the tag `kd.teacher_source`).
+    """
+    if spec.teacher_weights:
+        path = Path(spec.teacher_weights)
+        if not path.is_file():
+            raise MissingTeacher(f"--teacher-weights {path} does not exist: pass the path of a best.pth")
+        return path, str(path)
+    run_id = teacher_run_id(client, spec.dataset, spec.teacher, spec.seed)
+    uri = teacher_uri(spec.dataset, spec.teacher, spec.seed)
+    if run_id is None:
+        raise MissingTeacher(f"no registered teacher {uri}: train it first with `{spec.teacher_spec_hint()}`")
+    return Path(client.download_artifacts(run_id, "best.pth", str(dst))), f"{uri} (run {run_id})"

@@ -1,0 +1,55 @@
+"""Where runs live: `MLFLOW_TRACKING_URI`, default an embedded sqlite file in the working directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "kd"
+
+
+def tracking_uri() -> str:
+    """The store every part of kd uses; a relative sqlite path is made absolute (jobs change cwd)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
+        from kd.spec import SpecError
+
+        raise SpecError(
+            f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 no longer supports: "
+            f"use {DEFAULT_URI} or an MLflow server URL"
+        )
+    return uri
+
+
+def get_client() -> MlflowClient:
+    uri = tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # so MLflow's own helpers agree with us
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
+    """Get or create the experiment; with a sqlite store, artifacts go beside the database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def ui_command() -> str:
+    """The exact command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri '{tracking_uri()}'"
