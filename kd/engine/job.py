@@ -21,7 +21,15 @@ from mlflow import MlflowClient
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
 from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
-from kd.engine.trainer import Precision, Stopped, Student, Trainer, build_optimizer, build_scheduler
+from kd.engine.trainer import (
+    EpochCallback,
+    Precision,
+    Stopped,
+    Student,
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+)
 from kd.methods import build_method
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
@@ -103,8 +111,15 @@ def run_specs(
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
+    extra_tags: dict[str, str] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> list[Outcome]:
-    """Train a pack of specs (usually one) to completion as MLflow runs."""
+    """Train a pack of specs (usually one) to completion as MLflow runs.
+
+    `extra_tags` go on newly created runs (e.g. `mlflow.parentRunId` for tuning trials);
+    `on_epoch(student, epoch, metrics)` runs after each logged epoch and may raise to stop
+    (Optuna's pruning), which ends the runs as FAILED with the exception as `kd.error`.
+    """
     check_pack(specs)
     first = specs[0]
     dev = pick_device(device)
@@ -117,7 +132,8 @@ def run_specs(
         teacher, source = (None, None)
         if first.method != "pure" or first.teacher:
             teacher, source = load_teacher(client, first, data, dev, tmp)
-        trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id) for s in specs]
+        trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
+                    for s in specs]
         students: list[Student] = []
         try:
             for spec, tracker in zip(specs, trackers, strict=True):
@@ -129,7 +145,7 @@ def run_specs(
             with sigterm_flag() as should_stop:
                 stops = [t.heartbeat() for t in trackers]
                 try:
-                    Trainer(students, data, teacher, Precision.for_device(dev), should_stop, progress).run()
+                    Trainer(students, data, teacher, Precision.for_device(dev), should_stop, progress, on_epoch).run()
                 finally:
                     for stop in stops:
                         stop.set()

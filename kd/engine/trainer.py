@@ -35,6 +35,9 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or a run of skipped optimiser steps: the run stops as FAILED."""
 
 
+EpochCallback = Callable[["Student", int, dict[str, float]], None]
+
+
 class Stopped(Exception):
     """SIGTERM arrived; checkpoints were written and the runs are to be marked KILLED."""
 
@@ -162,8 +165,10 @@ class Trainer:
         precision: Precision,
         should_stop: Callable[[], bool] = lambda: False,
         progress: bool | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> None:
         self.students, self.data, self.teacher, self.precision = students, data, teacher, precision
+        self.on_epoch = on_epoch
         self.should_stop = should_stop
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.spec = students[0].spec
@@ -263,6 +268,8 @@ class Trainer:
         s.epoch, s.batch, s.sums = epoch, 0, defaultdict(float)
         s.checkpoints.save(s.state())
         s.tracker.log_epoch(epoch, metrics)
+        if self.on_epoch is not None:
+            self.on_epoch(s, epoch, metrics)
         if not self.progress or len(self.students) > 1:
             print(
                 f"[{s.spec.name()}] epoch {epoch}/{s.spec.epochs} train_loss {metrics['train_loss']:.4f} "

@@ -8,11 +8,10 @@ mdistiller (the paper's eq. 2 writes the unsquared p-norm). Stages are summed by
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd.methods.base import Features, Method, Shapes, register_method
-from kd.methods.features import stage_pairs
+from kd.methods.features import stage_pairs, unit
 from kd.spec import SpecError
 
 REDUCTIONS = ("sum", "mean")
@@ -20,7 +19,7 @@ REDUCTIONS = ("sum", "mean")
 
 def attention_map(feature: Tensor, p: float) -> Tensor:
     """(N, C, H, W) -> (N, H*W): channel mean of |f|^p, L2-normalised over positions, fp32."""
-    return F.normalize(feature.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
+    return unit(feature.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def at_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.methods.base import Features, Method, Shapes, register_method
-from kd.methods.features import match_spatial
+from kd.methods.features import match_spatial, unit
 
 # Paraphraser optimiser, as in RepDistiller's two-stage "init" (the student recipe's SGD).
 PRETRAIN_LR = 0.05
@@ -27,8 +27,8 @@ PRETRAIN_WEIGHT_DECAY = 5e-4
 
 def ft_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
     """Mean absolute difference of the per-sample L2-normalised flattened factors, in fp32."""
-    s = F.normalize(student_factor.float().flatten(1), dim=1)
-    t = F.normalize(teacher_factor.detach().float().flatten(1), dim=1)
+    s = unit(student_factor.float().flatten(1), dim=1)
+    t = unit(teacher_factor.detach().float().flatten(1), dim=1)
     return (s - t).abs().mean()
 
 

@@ -7,11 +7,25 @@ autocast (normalisations, distances and SVDs lose too much in bf16/fp16).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kd.methods.base import Features, Shapes
 from kd.spec import SpecError
+
+EPS = 1e-12  # squared norms / distances at or below this count as zero
+
+
+def unit(x: Tensor, dim: int) -> Tensor:
+    """x / ||x|| along `dim`; a vector with ||x||^2 <= EPS becomes 0 with a zero gradient.
+
+    F.normalize divides a zero vector by its eps floor, so its gradient is 1/eps (1e12): finite,
+    but enough to wreck an update or overflow fp16 under AMP. A degenerate vector has no
+    direction, so here it contributes nothing instead.
+    """
+    squared = x.pow(2).sum(dim, keepdim=True)
+    return x * torch.rsqrt(squared.clamp_min(EPS)) * (squared > EPS).to(x.dtype)
 
 
 def check_stage(option: str, stage: int, shapes: Shapes, whose: str) -> int:

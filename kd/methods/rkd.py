@@ -9,7 +9,8 @@ On the pooled embeddings e (global average pool of the last stage) of a batch:
 
 Collapse guard: d/dx sqrt(x) is infinite at x = 0 (the diagonal, identical samples), which once
 turned every update into NaN (and under AMP into silently skipped steps). Distances here are
-sqrt(max(d^2, eps)) with the diagonal masked by multiplication, so every gradient is finite.
+sqrt(max(d^2, eps)) with the diagonal masked by multiplication, and the angle's unit vectors
+are 0 (with a zero gradient) for identical samples, so every gradient is finite and bounded.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd.methods.base import Features, Method, register_method
-from kd.methods.features import pooled_embedding
-
-EPS = 1e-12  # floor of squared distances: sqrt has a finite gradient above it, zero below
+from kd.methods.features import EPS, pooled_embedding, unit
 
 
 def pairwise_distances(e: Tensor) -> Tensor:
@@ -41,7 +40,7 @@ def normalised_distances(e: Tensor) -> Tensor:
 
 def triplet_cosines(e: Tensor) -> Tensor:
     """(N, D) -> (N, N, N): [j, i, k] = cos of the angle at e_j between e_i - e_j and e_k - e_j."""
-    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [j, i] = unit(e_i - e_j), 0 if equal
+    diff = unit(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [j, i] = unit(e_i - e_j), 0 if e_i = e_j
     return diff @ diff.transpose(1, 2)
 
 

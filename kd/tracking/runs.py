@@ -83,7 +83,13 @@ class RunTracker:
 
     @classmethod
     def open(
-        cls, spec: RunSpec, experiment: str, *, force: bool = False, attach_run_id: str | None = None
+        cls,
+        spec: RunSpec,
+        experiment: str,
+        *,
+        force: bool = False,
+        attach_run_id: str | None = None,
+        extra_tags: dict[str, str] | None = None,
     ) -> RunTracker:
         """Find-or-create the spec's run and take its lease.
 
@@ -118,11 +124,11 @@ class RunTracker:
         else:
             run_id = client.create_run(experiment_id(client, experiment), run_name=spec.name()).info.run_id
         tracker = cls(client, run_id, spec, owner_id(), resume)
-        tracker._claim(fresh=not resume, attempt=attempt if force else None)
+        tracker._claim(fresh=not resume, attempt=attempt if force else None, extra_tags=extra_tags or {})
         return tracker
 
-    def _claim(self, fresh: bool, attempt: int | None) -> None:
-        tags = {"kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
+    def _claim(self, fresh: bool, attempt: int | None, extra_tags: dict[str, str]) -> None:
+        tags = {**extra_tags, "kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
         params: list[Param] = []
         if fresh:
             tags.update(spec_tags(self.spec))
