@@ -103,9 +103,10 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
+    attach = os.environ.get("MLFLOW_RUN_ID")
+    experiment = attached_experiment(attach) if attach else args.experiment
     try:
-        outcomes = run_specs(specs, experiment=args.experiment, device=args.device, force=args.force,
-                             attach_run_id=os.environ.get("MLFLOW_RUN_ID"))
+        outcomes = run_specs(specs, experiment=experiment, device=args.device, force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
         return 0
@@ -114,6 +115,14 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
               + (f", registered {o.registered}" if o.registered else ""))
     print(f"open the MLflow UI: {ui_command()}")
     return 0
+
+
+def attached_experiment(run_id: str) -> str:
+    """Under `mlflow run`, the spec's run lives in the experiment of the run mlflow created."""
+    from kd.tracking.store import get_client
+
+    client = get_client()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
 
 def cmd_list(kind: str) -> int:
@@ -170,11 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_store_logs() -> None:
+    """MLflow's INFO lines (database migrations, artifact downloads) would bury kd's own messages."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kd.engine.trainer import Stopped, TrainingDiverged
     from kd.tracking.runs import RunRefused
 
     args = build_parser().parse_args(argv)
+    quiet_store_logs()
     if getattr(args, "command", None) == "distill" and args.teacher is None:
         args.teacher = "ResNet112"
     try:

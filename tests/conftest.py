@@ -1,0 +1,35 @@
+"""Shared fixtures: a fresh sqlite MLflow store per test, and the `kd` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A temporary tracking store, set as MLFLOW_TRACKING_URI for this process and its children."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # `mlflow run` and job scripts call `python` / `kd`: make them this interpreter's.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def run_kd(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`kd ARGS` as a user runs it (a new process), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kd.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+DIGITS_FAST = ("--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--device", "cpu")

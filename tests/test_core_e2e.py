@@ -1,0 +1,104 @@
+"""The core suite end to end: `kd` and `mlflow run` on digits against a temporary sqlite store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kd.models import create_model
+from kd.tracking.registry import teacher_uri
+from tests.conftest import DIGITS_FAST, ROOT, run_kd
+
+EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce", "loss_kd")
+
+
+def train_digits_teacher(model: str = "ResNet8") -> None:
+    done = run_kd("train", *DIGITS_FAST, "--model", model, "--role", "teacher")
+    assert done.returncode == 0, done.stderr
+    assert f"registered digits-{model}@seed0" in done.stdout
+
+
+def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
+    train_digits_teacher()
+    done = subprocess.run(
+        ["mlflow", "run", str(ROOT), "-e", "distill", "--env-manager", "local", "--experiment-name", "kd",
+         "-P", "dataset=digits", "-P", "teacher=ResNet8", "-P", "student=ResNet8", "-P", "method=logit",
+         "-P", "alpha=0.25", "-P", "epochs=3", "-P", "batch_size=64", "-P", "device=cpu"],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("kd")
+    students = client.search_runs([exp.experiment_id], "tags.`kd.role` = 'student'")
+    assert len(students) == 1, "mlflow run's own run must be the spec's run: no second run"
+    run = students[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["kd.method"] == "logit" and run.data.tags["kd.alpha"] == "0.25"
+    assert run.data.params["alpha"] == "0.25" and run.data.params["epochs"] == "3"
+    assert run.data.tags["kd.teacher_source"].startswith(teacher_uri("digits", "ResNet8", 0))
+    for key in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3], key
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"best.pth", "config.json", "metrics.json", "checkpoint"} <= artifacts
+    assert "checkpoint/checkpoint.pth" in {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
+    best = Path(client.download_artifacts(run.info.run_id, "best.pth", str(tmp_path)))
+    student = create_model("ResNet8", 10, 1, 8)
+    student.load_state_dict(torch.load(best, weights_only=True)["weights"])
+    metrics = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))
+    assert len(__import__("json").load(open(metrics))["test_acc"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("train", "--dataset", "imagenet", "--model", "ResNet8"), "unknown dataset 'imagenet'"),
+        (("train", "--dataset", "digits", "--model", "ResNet9000"), "unknown model 'ResNet9000'"),
+        (("distill", "--dataset", "digits", "--method", "magic", "--teacher", "ResNet8"), "unknown method 'magic'"),
+        (("distill", "--dataset", "digits", "--alpha", "1.5", "--teacher", "ResNet8", "--method", "logit"),
+         "outside [0, 1]"),
+        (("distill", *DIGITS_FAST, "--teacher", "ResNet20", "--student", "ResNet8", "--method", "logit"),
+         "no registered teacher models:/digits-ResNet20@seed0: train it first with `kd train"),
+        (("train", "--dataset", "cifar10", "--model", "ResNet8", "--epochs", "1"), "cifar-10-batches-py"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(store, tmp_path, args, needle):
+    done = run_kd(*args, env={"KD_DATA_ROOT": str(tmp_path / "no-data")})
+    assert done.returncode == 2
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("kd")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert client.search_registered_models() == []
+
+
+def test_finished_spec_is_not_retrained_and_force_starts_a_new_attempt(store):
+    train_digits_teacher()
+    again = run_kd("train", *DIGITS_FAST, "--model", "ResNet8", "--role", "teacher")
+    assert again.returncode == 0 and "already trained in run" in again.stdout
+    forced = run_kd("train", *DIGITS_FAST, "--model", "ResNet8", "--role", "teacher", "--force")
+    assert forced.returncode == 0, forced.stderr
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    assert sorted(r.data.tags.get("kd.attempt", "1") for r in runs) == ["1", "2"]
+    versions = client.search_model_versions("name = 'digits-ResNet8'")
+    alias_run = client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id
+    assert len(versions) == 2 and alias_run == max(runs, key=lambda r: r.info.start_time).info.run_id
+
+
+def test_demo_prints_the_table_and_the_ui_command(store):
+    done = run_kd("demo", "--epochs", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    for label in ("teacher (ResNet20)", "student, no KD (ResNet8)", "student, logit KD (ResNet8)"):
+        assert label in done.stdout
+    assert f"mlflow ui --backend-store-uri '{store}'" in done.stdout
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("digits-ResNet20", "seed0") is not None
+    rerun = run_kd("demo", "--epochs", "2", "--device", "cpu")
+    assert rerun.stdout.count("reusing finished run") == 3

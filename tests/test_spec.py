@@ -1,0 +1,42 @@
+"""RunSpec: recipe defaults, stable keys, and one-line errors for bad values."""
+
+import pytest
+
+from kd.spec import RunSpec, SpecError
+
+
+def test_defaults_are_the_recipe():
+    spec = RunSpec.create(dataset="cifar100", model="ResNet112", role="teacher")
+    assert (spec.epochs, spec.batch_size, spec.lr, spec.momentum, spec.weight_decay) == (150, 128, 0.1, 0.9, 5e-4)
+    assert (spec.schedule, spec.temperature, spec.label_smoothing, spec.alpha) == ("cosine", 4.0, 0.1, 0.0)
+
+
+def test_kd_runs_have_no_label_smoothing_and_alpha_half_by_default():
+    spec = RunSpec.create(dataset="cifar100", model="ResNet56", teacher="ResNet112", method="logit")
+    assert spec.label_smoothing == 0.0 and spec.alpha == 0.5 and spec.role == "student"
+
+
+def test_key_is_stable_and_changes_with_any_field():
+    a = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet20", method="logit", alpha=0.25)
+    b = RunSpec.create(alpha=0.25, method="logit", teacher="ResNet20", model="ResNet8", dataset="digits")
+    assert a.key() == b.key() and len(a.key()) == 16
+    assert a.replace(seed=1).key() != a.key()
+    assert RunSpec.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+        (dict(model="ResNet9000"), "unknown model 'ResNet9000'"),
+        (dict(method="magic", teacher="ResNet20"), "unknown method 'magic'"),
+        (dict(method="logit", teacher="ResNet20", alpha=1.5), "alpha 1.5 is outside [0, 1]"),
+        (dict(method="logit"), "needs a teacher"),
+        (dict(method="pure", alpha=0.5), "drop --alpha"),
+        (dict(epochs=0), "epochs must be at least 1"),
+    ],
+)
+def test_bad_values_give_one_line(values, needle):
+    with pytest.raises(SpecError) as err:
+        RunSpec.create(dataset=values.pop("dataset", "digits"), model=values.pop("model", "ResNet8"), **values)
+    assert needle in str(err.value) and "\n" not in str(err.value)
