@@ -117,6 +117,17 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    """Train runs the submitter created: each run's config.json is its spec (a pack if several)."""
+    from kd.tracking.runs import read_config
+    from kd.tracking.store import get_client
+
+    client = get_client()
+    specs = [RunSpec.from_dict(read_config(client, run_id)) for run_id in args.run_id]
+    args.experiment = attached_experiment(args.run_id[0])
+    return train_and_report(specs, args)
+
+
 def attached_experiment(run_id: str) -> str:
     """Under `mlflow run`, the spec's run lives in the experiment of the run mlflow created."""
     from kd.tracking.store import get_client
@@ -166,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="ResNet56", help="student model (default ResNet56)")
     add_run_flags(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("job", help="train submitted runs by id (what cluster job scripts call)")
+    p.add_argument("--run-id", "--run_id", action="append", required=True, help="repeat for a pack of students")
+    add_run_flags(p)
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("demo", help="teacher, pure and KD student on digits, offline, in minutes")
     p.add_argument("--experiment", default="demo")

@@ -71,6 +71,27 @@ def lease_is_live(run: Run, now: float | None = None) -> bool:
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
 
+def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None) -> None:
+    """Params, identity tags and config.json: what makes an MLflow run the run of this spec."""
+    tags = {**spec_tags(spec), "mlflow.runName": spec.name(), **(extra_tags or {})}
+    client.log_batch(
+        run_id,
+        params=[Param(k, v) for k, v in spec.params().items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    client.log_dict(run_id, spec.to_dict(), "config.json")
+
+
+def create_spec_run(
+    client: MlflowClient, spec: RunSpec, experiment: str, extra_tags: dict[str, str] | None = None
+) -> str:
+    """A new run for the spec, SCHEDULED until a trainer claims it (the submitter creates runs too)."""
+    run = client.create_run(experiment_id(client, experiment), run_name=spec.name())
+    write_spec(client, run.info.run_id, spec, extra_tags)
+    client.update_run(run.info.run_id, status="SCHEDULED")
+    return run.info.run_id
+
+
 @dataclass
 class RunTracker:
     """A handle on one spec's MLflow run, held by the process that trains it."""
@@ -115,38 +136,29 @@ class RunTracker:
                 f"in run {latest.info.run_id}: wait for it, or stop that process"
             )
         resume = latest is not None and latest.info.status != "FINISHED" and not force
+        tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if force else {})}
         if resume:
             run_id = latest.info.run_id
             if attach_run_id and attach_run_id != run_id:
                 client.set_tag(attach_run_id, "kd.resumed_in", run_id)
         elif attach_run_id:
             run_id = attach_run_id
+            write_spec(client, run_id, spec, tags)
         else:
-            run_id = client.create_run(experiment_id(client, experiment), run_name=spec.name()).info.run_id
+            run_id = create_spec_run(client, spec, experiment, tags)
         tracker = cls(client, run_id, spec, owner_id(), resume)
-        tracker._claim(fresh=not resume, attempt=attempt if force else None, extra_tags=extra_tags or {})
+        tracker._claim()
         return tracker
 
-    def _claim(self, fresh: bool, attempt: int | None, extra_tags: dict[str, str]) -> None:
-        tags = {**extra_tags, "kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
-        params: list[Param] = []
-        if fresh:
-            tags.update(spec_tags(self.spec))
-            tags["mlflow.runName"] = self.spec.name()
-            params = [Param(k, v) for k, v in self.spec.params().items()]
-            if attempt is not None:
-                tags["kd.attempt"] = str(attempt)
-        for job_var, scheduler in (("SLURM_JOB_ID", "slurm"), ("PBS_JOBID", "pbs")):
-            if job_var in os.environ:
-                tags.update({"kd.job_id": os.environ[job_var], "kd.scheduler": scheduler})
-        self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+    def _claim(self) -> None:
+        """Mark the run RUNNING under our lease; lose gracefully if another process won the race."""
+        tags = {"kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.update_run(self.run_id, status="RUNNING")
         time.sleep(0.05)
         holder = self.client.get_run(self.run_id).data.tags.get("kd.owner")
-        if holder != self.owner:  # another process claimed it in the same instant
+        if holder != self.owner:
             raise RunRefused(f"run {self.run_id} was claimed by {holder} at the same moment: not starting twice")
-        if fresh:
-            self.log_json("config.json", self.spec.to_dict())
 
     def heartbeat(self) -> threading.Event:
         """Refresh the lease from a daemon thread until the returned event is set."""
