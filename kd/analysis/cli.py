@@ -1,0 +1,130 @@
+"""The analysis commands of `kd`: report, plot, analyze features, import-legacy.
+
+`register(sub)` adds them to the main parser; each handler returns an exit code and raises
+`SpecError` on bad input (the main CLI prints it and exits 2). Heavy imports happen inside the
+handlers so that `kd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kd.spec import SpecError
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise SpecError(f"--seeds {text} is not a list of integers: pass e.g. --seeds 0,1,2") from None
+
+
+def add_experiment(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--experiment", default=default or os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
+                        help="MLflow experiment (default %(default)s)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kd.analysis.collect import log_analysis
+    from kd.analysis.report import REPORT_KEYS, build_report
+    from kd.analysis.tables import COLLAPSE_FACTOR
+    from kd.tracking.store import get_client
+
+    factor = COLLAPSE_FACTOR if args.collapse_factor is None else args.collapse_factor
+    if factor <= 0:
+        raise SpecError("--collapse-factor must be positive: pass e.g. --collapse-factor 2")
+    client = get_client()
+    report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=parse_seeds(args.seeds),
+                          metric=args.metric, dataset=args.dataset, collapse_factor=factor)
+    tags = {"kd.analysis_grid": args.grid} if args.grid else {}  # not kd.grid: it is no grid run
+    run_id = log_analysis(client, args.experiment, "report", args.out, tags)
+    for name, entry in report.items():
+        values = ", ".join(f"{k}={'n/a' if entry[k] is None else format(entry[k], '.4f')}" for k in REPORT_KEYS)
+        print(f"{name}: {values} ({entry.get('dataset', 'no runs')})")
+    print(f"report written to {args.out} and logged as run {run_id} ('analysis')")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kd.analysis.plots import plot_runs
+    from kd.tracking.store import get_client
+
+    plotted, current = plot_runs(get_client(), args.experiment, args.grid, args.force)
+    print(f"plotted {plotted} runs, {current} already up to date")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from kd.analysis.collect import log_analysis
+    from kd.analysis.features import measure, write_features
+    from kd.engine.job import pick_device
+    from kd.tracking.store import get_client
+
+    if args.data_root:
+        os.environ["KD_DATA_ROOT"] = args.data_root
+    client = get_client()
+    device = pick_device(args.device)
+    per_run, grid = measure(client, args.runs, args.probe_size, str(device))
+    write_features(per_run, grid, args.out)
+    experiment = args.experiment or client.get_experiment(client.get_run(args.runs[0]).info.experiment_id).name
+    run_id = log_analysis(client, experiment, "features", args.out, {"kd.probe_size": str(args.probe_size)})
+    print(f"feature metrics of {per_run.run_id.nunique()} runs written to {args.out} "
+          f"and logged as run {run_id} ('analysis') in experiment '{experiment}'")
+    return 0
+
+
+def cmd_import_legacy(args: argparse.Namespace) -> int:
+    from kd.analysis.legacy import import_legacy
+    from kd.tracking.store import get_client
+
+    teachers = [t for t in (args.teacher_models or "").split(",") if t]
+    result = import_legacy(get_client(), args.path, args.experiment, teachers)
+    for path, why in result.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"imported {len(result.imported)} runs into experiment '{args.experiment}', "
+          f"{len(result.present)} already there, {len(result.skipped)} directories skipped")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add report, plot, analyze (features) and import-legacy to the `kd` parser."""
+    p = sub.add_parser("report", help="tables, plots and report.json from the tracking store")
+    add_experiment(p)
+    p.add_argument("--grid", help="only runs tagged kd.grid=NAME (plus the baselines they compare with)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the report files")
+    p.add_argument("--seeds", help="expected seeds, e.g. 0,1,2 (default: every seed seen on the dataset)")
+    p.add_argument("--metric", choices=("final", "best"), default="final",
+                   help="accuracy for Δ columns, plots and report.json (default final)")
+    p.add_argument("--dataset", help="report.json's dataset (default: per family, the one with most runs)")
+    p.add_argument("--collapse-factor", type=float, default=None,
+                   help="flag runs whose best accuracy is below this x chance (default 2)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", help="each run's Accuracy.png and Loss.png, for runs that moved (cron-safe)")
+    add_experiment(p)
+    p.add_argument("--grid", help="only runs tagged kd.grid=NAME")
+    p.add_argument("--force", action="store_true", help="redraw every run")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("analyze", help="representation analyses")
+    kinds = p.add_subparsers(dest="analysis", required=True)
+    f = kinds.add_parser("features", help="feature-map metrics and CKA vs the teacher, per stage")
+    f.add_argument("--runs", nargs="+", required=True, metavar="RUN_ID", help="student (or teacher) runs")
+    f.add_argument("--probe-size", type=int, default=256, help="test images in the probe batch (default 256)")
+    f.add_argument("--out", type=Path, default=Path("features"), help="output directory (default features)")
+    f.add_argument("--experiment", default=None, help="where the analysis run goes (default: the first run's)")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    f.add_argument("--data-root", default=None, help="dataset directory (default $KD_DATA_ROOT or ./data)")
+    f.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("import-legacy", help="import the thesis experiments/ tree as MLflow runs")
+    p.add_argument("path", type=Path, help="the tree (a folder holding experiments/, or experiments/ itself)")
+    add_experiment(p, default="beta")
+    p.add_argument("--teacher-models", help="comma-separated models to treat as teachers under pure/ "
+                   "(default: the models named as teachers by Teacher_to_Student folders)")
+    p.set_defaults(func=cmd_import_legacy)

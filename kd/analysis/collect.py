@@ -1,0 +1,166 @@
+"""MLflow -> pandas: one row per training run, the input of every table, plot and report.
+
+Only training results become rows: analysis runs (`kd.role=analysis`), runs without `kd.key`
+(foreign runs, a legacy import that died half-way) and tuning trials (child runs, tag
+`mlflow.parentRunId`) are left out. A spec trained more than once (`--force`) counts once: its
+newest FINISHED run, else its newest run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from kd.data import DATASETS
+from kd.spec import SpecError
+from kd.tracking.registry import teacher_run_id
+from kd.tracking.store import experiment_id, tracking_uri
+
+ANALYSIS = "analysis"
+# tag -> column; every row has these, "" where the run has no such tag
+TAG_COLUMNS = {
+    "kd.key": "key",
+    "kd.role": "role",
+    "kd.dataset": "dataset",
+    "kd.model": "model",
+    "kd.teacher": "teacher",
+    "kd.method": "method",
+    "kd.source": "source",
+    "kd.grid": "grid",
+}
+COLUMNS = [
+    "run_id", "run_name", "status", "finished", "start_time", *TAG_COLUMNS.values(), "alpha", "seed",
+    "epoch", "epochs", "final_acc", "best_acc", "family", "num_classes", "chance",
+]
+
+
+def family(model: str) -> str:
+    """The report.json family of a model: ViT* -> vit, anything else -> cnn."""
+    return "vit" if model.startswith("ViT") else "cnn"
+
+
+def find_experiment(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SpecError(f"no experiment '{experiment}' in {tracking_uri()}: pass --experiment NAME "
+                        "(an experiment that has runs; see the MLflow UI)")
+    return found.experiment_id
+
+
+def search_all(client: MlflowClient, experiment: str, filter_string: str = "") -> list[Run]:
+    """Every active run of the experiment that matches, across result pages."""
+    exp_id = find_experiment(client, experiment)
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def training_runs(client: MlflowClient, experiment: str) -> list[Run]:
+    """Runs that trained (or are training) a spec: a `kd.key` and not an analysis run."""
+    return [r for r in search_all(client, experiment)
+            if r.data.tags.get("kd.key") and r.data.tags.get("kd.role") != ANALYSIS]
+
+
+def run_row(run: Run) -> dict[str, object]:
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    dataset = tags.get("kd.dataset", "")
+    num_classes = DATASETS[dataset].num_classes if dataset in DATASETS else math.nan
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "finished": run.info.status == "FINISHED",
+        "start_time": run.info.start_time,
+        **{column: tags.get(tag, "") for tag, column in TAG_COLUMNS.items()},
+        "alpha": float(tags.get("kd.alpha", 0)),
+        "seed": int(tags.get("kd.seed", 0)),
+        "epoch": int(tags.get("kd.epoch", 0)),
+        "epochs": int(params.get("epochs") or 0),
+        "final_acc": metrics.get("final_test_acc", metrics.get("test_acc", math.nan)),
+        "best_acc": metrics.get("best_test_acc", math.nan),
+        "family": family(tags.get("kd.model", "")),
+        "num_classes": num_classes,
+        "chance": 100.0 / num_classes,
+        **{f"params.{k}": v for k, v in params.items()},
+    }
+
+
+def collect_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
+    """One row per spec: tags, params (`params.*`), final and best test accuracy, epochs, status.
+
+    `final_acc` is `final_test_acc`, or the last `test_acc` of a run still going; `best_acc` is
+    `best_test_acc`, or the best `test_acc` so far.
+    """
+    runs = [r for r in training_runs(client, experiment) if "mlflow.parentRunId" not in r.data.tags]
+    rows = pd.DataFrame([run_row(r) for r in runs])
+    rows = rows.reindex(columns=[*COLUMNS, *sorted(c for c in rows.columns if c not in COLUMNS)])
+    rows = rows.sort_values(["finished", "start_time"]).drop_duplicates("key", keep="last")
+    for i in rows.index[rows.best_acc.isna()]:
+        history = client.get_metric_history(rows.at[i, "run_id"], "test_acc")
+        rows.at[i, "best_acc"] = max((m.value for m in history), default=math.nan)
+    return rows.sort_values(["dataset", "role", "model", "method", "alpha", "seed"]).reset_index(drop=True)
+
+
+def select_grid(rows: pd.DataFrame, grid: str | None) -> pd.DataFrame:
+    """The runs of one grid (tag `kd.grid`) plus the baselines they compare with: the teachers
+    and pure students of the grid's (dataset, model) and (dataset, teacher) pairs, wherever
+    they were trained. Without a grid: all runs."""
+    if not grid:
+        return rows
+    chosen = rows.grid == grid
+    if not chosen.any():
+        grids = ", ".join(sorted(set(rows.grid) - {""})) or "none"
+        raise SpecError(f"no runs with kd.grid={grid}: choose one of {grids}, or drop --grid")
+    picked = rows[chosen]
+    wanted = {*zip(picked.dataset, picked.model, strict=True), *zip(picked.dataset, picked.teacher, strict=True)}
+    pairs = pd.MultiIndex.from_frame(rows[["dataset", "model"]]).isin(wanted)
+    baselines = (rows.role == "teacher") | (rows.method == "pure")
+    return rows[chosen | (baselines & pairs)]
+
+
+def histories(client: MlflowClient, run_ids: list[str], key: str) -> pd.DataFrame:
+    """A metric's points per run (run_id, step, value), the last value per step."""
+    points = [(run_id, m.step, m.timestamp, m.value)
+              for run_id in run_ids for m in client.get_metric_history(run_id, key)]
+    frame = pd.DataFrame(points, columns=["run_id", "step", "timestamp", "value"])
+    frame = frame.sort_values("timestamp").drop_duplicates(["run_id", "step"], keep="last")
+    return frame.drop(columns="timestamp").sort_values(["run_id", "step"]).reset_index(drop=True)
+
+
+def find_teacher_run(client: MlflowClient, run: Run) -> str | None:
+    """The teacher of a student run: the registry alias, else (legacy imports, which are not
+    registered) the newest FINISHED teacher run with the same dataset, model and seed."""
+    tags = run.data.tags
+    if not tags.get("kd.teacher"):
+        return None
+    found = teacher_run_id(client, tags["kd.dataset"], tags["kd.teacher"], int(tags["kd.seed"]))
+    if found is not None:
+        return found
+    query = " and ".join(f"tags.`{tag}` = '{value}'" for tag, value in (
+        ("kd.role", "teacher"), ("kd.dataset", tags["kd.dataset"]), ("kd.model", tags["kd.teacher"]),
+        ("kd.seed", tags["kd.seed"])))
+    teachers = client.search_runs([run.info.experiment_id], f"{query} and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    return teachers[0].info.run_id if teachers else None
+
+
+def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, tags: dict[str, str]) -> str:
+    """Log a directory of results as the artifacts of a new run named `analysis`."""
+    run_id = client.create_run(experiment_id(client, experiment), run_name=ANALYSIS,
+                               tags={"kd.role": ANALYSIS, "kd.analysis": kind, **tags}).info.run_id
+    try:
+        client.log_artifacts(run_id, str(out))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

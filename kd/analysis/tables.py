@@ -1,0 +1,220 @@
+"""Thesis tables: accuracy per dataset x model x method x alpha, mean ± std over seeds, with flags.
+
+Rules (docs/analysis.md):
+- a group's statistics use its FINISHED runs, one per seed (the newest); std is the sample
+  standard deviation (ddof=1), so it is undefined (blank) for a single seed;
+- Δ vs pure / vs teacher is paired by seed: the mean over the group's seeds that also have a
+  finished pure student (same dataset and model) / teacher (same dataset, the `kd.teacher`
+  model) of the difference of accuracies. A pure student's teacher is the one teacher model its
+  dataset's KD students of the same model name, if there is exactly one;
+- flags: collapsed = best accuracy below `collapse_factor` x chance (100 / classes); unfinished =
+  a seed whose run exists but is not FINISHED; missing = an expected seed with no run at all
+  (expected: `--seeds`, else every seed seen on the dataset).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+GROUP = ["dataset", "role", "model", "teacher", "method", "alpha"]
+BASELINE_INDEX = ["dataset", "model", "seed"]
+METRICS = ("final", "best")
+COLLAPSE_FACTOR = 2.0  # catches the beta RKD failure: 18.13 % on CIFAR-10 (chance 10 %)
+
+
+def newest(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per value of `columns`: the newest run."""
+    return frame.sort_values("start_time").drop_duplicates(columns, keep="last")
+
+
+def baseline(runs: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
+    """Accuracies of finished baseline runs by (dataset, model, seed)."""
+    chosen = newest(runs[mask & runs.finished], BASELINE_INDEX)
+    return chosen.set_index(BASELINE_INDEX)[["final_acc", "best_acc"]]
+
+
+def paired_delta(done: pd.DataFrame, base: pd.DataFrame, dataset: str, model: str) -> pd.Series:
+    """Mean over shared seeds of (group accuracy - baseline accuracy), per metric."""
+    ref = base.reindex([(dataset, model, s) for s in done.seed])
+    diff = done[["final_acc", "best_acc"]].to_numpy() - ref.to_numpy()
+    return pd.DataFrame(diff, columns=list(METRICS)).mean()
+
+
+def seed_list(seeds: Sequence[int]) -> str:
+    return ",".join(str(s) for s in sorted(seeds))
+
+
+def summarize(
+    runs: pd.DataFrame, seeds: Sequence[int] | None = None, collapse_factor: float = COLLAPSE_FACTOR
+) -> pd.DataFrame:
+    """One row per group (dataset, role, model, teacher, method, alpha) of the runs."""
+    teachers = baseline(runs, runs.role == "teacher")
+    pures = baseline(runs, (runs.role == "student") & (runs.method == "pure"))
+    named = runs[runs.teacher != ""].groupby(["dataset", "model"]).teacher.unique()
+    expected = {d: set(seeds) if seeds else set(g.seed) for d, g in runs.groupby("dataset")}
+    rows = []
+    for values, group in runs.groupby(GROUP, sort=True):
+        row = dict(zip(GROUP, values, strict=True))
+        dataset, model = row["dataset"], row["model"]
+        done = newest(group[group.finished], ["seed"]).sort_values("seed")
+        teacher = row["teacher"]
+        if row["role"] == "student" and not teacher:
+            options = named.get((dataset, model), [])
+            teacher = options[0] if len(options) == 1 else ""
+        d_pure = paired_delta(done, pures, dataset, model) if row["teacher"] else None
+        d_teacher = paired_delta(done, teachers, dataset, teacher) if teacher else None
+        stuck = newest(group[~group.seed.isin(done.seed)], ["seed"]).sort_values("seed")
+        collapsed = done[done.best_acc < collapse_factor * done.chance]
+        row.update(
+            n=len(done),
+            seeds=seed_list(done.seed),
+            final_mean=done.final_acc.mean(),
+            final_std=done.final_acc.std(ddof=1),
+            best_mean=done.best_acc.mean(),
+            best_std=done.best_acc.std(ddof=1),
+            **{f"d_pure_{m}": math.nan if d_pure is None else d_pure[m] for m in METRICS},
+            **{f"d_teacher_{m}": math.nan if d_teacher is None else d_teacher[m] for m in METRICS},
+            reference_teacher=teacher,
+            collapsed=seed_list(collapsed.seed),
+            unfinished=", ".join(f"{r.seed} ({r.status} {r.epoch}/{r.epochs})" for r in stuck.itertuples()),
+            missing=seed_list(expected.get(dataset, set()) - set(group.seed)),
+        )
+        rows.append(row)
+    return ordered(pd.DataFrame(rows))
+
+
+def ordered(summary: pd.DataFrame) -> pd.DataFrame:
+    """Thesis order per dataset and teacher: the teacher, then per student model its pure run and
+    its KD groups by method and alpha."""
+    if summary.empty:
+        return summary
+    lineage = summary.model.where(summary.role == "teacher", summary.reference_teacher)
+    rank = (summary.role != "teacher").astype(int) + (summary.teacher != "").astype(int)
+    keys = pd.DataFrame({"dataset": summary.dataset, "lineage": lineage, "first": rank > 0, "model": summary.model,
+                         "rank": rank, "method": summary.method, "alpha": summary.alpha})
+    return summary.loc[keys.sort_values(list(keys.columns)).index].reset_index(drop=True)
+
+
+def flags(row: pd.Series) -> str:
+    parts = [f"{name} seeds {row[name]}" for name in ("collapsed", "unfinished", "missing") if row[name]]
+    return "; ".join(parts)
+
+
+def mean_std(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def signed(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:+.2f}"
+
+
+def model_cell(row: pd.Series) -> str:
+    return f"{row.teacher} → {row.model}" if row.teacher else row.model
+
+
+def method_cell(row: pd.Series) -> str:
+    return "teacher" if row.role == "teacher" else row.method
+
+
+def alpha_cell(row: pd.Series) -> str:
+    return f"{row.alpha:g}" if row.teacher else ""
+
+
+def display(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of one dataset's table; Δ columns use `metric` (final | best)."""
+    header = ["Model", "Method", "α", "n", "Final (%)", "Best (%)", f"Δ pure ({metric})",
+              f"Δ teacher ({metric})", "Flags"]
+    cells = [
+        [model_cell(r), method_cell(r), alpha_cell(r), str(r.n), mean_std(r.final_mean, r.final_std),
+         mean_std(r.best_mean, r.best_std), signed(r[f"d_pure_{metric}"]), signed(r[f"d_teacher_{metric}"]),
+         flags(r)]
+        for _, r in summary.iterrows()
+    ]
+    return header, cells
+
+
+def markdown(header: list[str], cells: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *cells]
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines) + "\n"
+
+
+LATEX_REPLACEMENTS = (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                      ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("α", r"$\alpha$"), ("→", r"$\to$"), ("—", "--"))
+
+
+def latex_text(text: str) -> str:
+    for old, new in LATEX_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
+def latex(header: list[str], cells: list[list[str]], caption: str, label: str) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); text columns left, numbers right."""
+    align = "".join("l" if i in (0, 1, len(header) - 1) else "r" for i in range(len(header)))
+    body = [" & ".join(latex_text(c) for c in line) + r" \\" for line in cells]
+    return "\n".join([
+        r"\begin{table}[ht]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+        " & ".join(latex_text(h) for h in header) + r" \\", r"\midrule", *body, r"\bottomrule",
+        r"\end{tabular}", rf"\caption{{{latex_text(caption)}}}", rf"\label{{{label}}}", r"\end{table}", "",
+    ])
+
+
+def write_tables(runs: pd.DataFrame, summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
+    """runs.csv, summary.csv, summary.md (a section per dataset) and tables/{dataset}.tex."""
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    written = [out / "runs.csv", out / "summary.csv", out / "summary.md"]
+    runs.to_csv(written[0], index=False)
+    summary.to_csv(written[1], index=False)
+    sections = []
+    for dataset, part in summary.groupby("dataset", sort=True):
+        header, cells = display(part, metric)
+        sections.append(f"## {dataset}\n\n{markdown(header, cells)}")
+        caption = (f"Test accuracy on {dataset}: mean ± sample std (ddof=1) over n seeds; "
+                   f"Δ is paired by seed on the {metric} accuracy.")
+        tex = out / "tables" / f"{dataset}.tex"
+        tex.write_text(latex(header, cells, caption, f"tab:kd-{dataset}"))
+        written.append(tex)
+    note = (f"Mean ± sample standard deviation (ddof=1) over seeds; Δ columns are paired by seed "
+            f"on the {metric} test accuracy.\n\n")
+    written[2].write_text("# Accuracy by dataset, method and alpha\n\n" + note + "\n".join(sections))
+    return written
+
+
+def panels(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """(dataset, student model) pairs with student rows: one figure / report entry each."""
+    students = summary[summary.role == "student"]
+    return sorted(set(zip(students.dataset, students.model, strict=True)))
+
+
+@dataclass
+class Panel:
+    """One student model on one dataset: its KD groups, its pure student and its teacher."""
+
+    kd: pd.DataFrame
+    pure: pd.Series | None
+    teacher: pd.Series | None
+
+
+def panel(summary: pd.DataFrame, dataset: str, model: str) -> Panel:
+    """The teacher is the one the KD students name (the most common if several), else the pure
+    student's reference teacher."""
+    here = summary[(summary.dataset == dataset) & (summary.role == "student") & (summary.model == model)]
+    kd = here[here.teacher != ""]
+    pure = here[here.method == "pure"]
+    pure_row = pure.iloc[0] if len(pure) else None
+    teacher = kd.teacher.mode().iloc[0] if len(kd) else (pure_row.reference_teacher if pure_row is not None else "")
+    teachers = summary[(summary.dataset == dataset) & (summary.role == "teacher") & (summary.model == teacher)]
+    return Panel(kd, pure_row, teachers.iloc[0] if len(teachers) else None)
+
+
+def best_kd(kd: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The KD group (method, alpha) with the highest mean accuracy."""
+    scored = kd[kd.n > 0]
+    return scored.loc[scored[f"{metric}_mean"].idxmax()] if len(scored) else None
