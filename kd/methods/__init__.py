@@ -1,6 +1,16 @@
 """Distillation methods by name: one file each; import it here to register it."""
 
-from kd.methods import logit, pure  # noqa: F401  (registration)
+from kd.methods import (  # noqa: F401  (registration)
+    attention_transfer,
+    dkd,
+    factor_transfer,
+    fitnets,
+    logit,
+    nst,
+    pure,
+    rkd,
+    tucker,
+)
 from kd.methods.base import METHODS, Method, register_method
 
 __all__ = ["METHODS", "Method", "register_method", "build_method"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kd.methods.base import Features, Method, Shapes, register_method
-from kd.methods.features import stage_pairs, unit
+from kd.methods.features import fp32, stage_pairs, unit
 from kd.spec import SpecError
 
 REDUCTIONS = ("sum", "mean")
@@ -22,6 +22,7 @@ def attention_map(feature: Tensor, p: float) -> Tensor:
     return unit(feature.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
+@fp32
 def at_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:
     """Mean squared difference of the two normalised attention maps (equal spatial sizes)."""
     return (attention_map(student, p) - attention_map(teacher.detach(), p)).pow(2).mean()
@@ -43,7 +44,9 @@ class AttentionTransfer(Method):
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
         super().__init__(student_shapes, teacher_shapes, **options)
         if self.at_reduction not in REDUCTIONS:
-            raise SpecError(f"at_reduction '{self.at_reduction}' is unknown: choose one of {', '.join(REDUCTIONS)}")
+            raise SpecError(
+                f"at_reduction '{self.at_reduction}' is unknown: choose one of {', '.join(REDUCTIONS)}"
+            )
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         losses = [at_loss(s, t, self.at_p) for s, t in stage_pairs(student, teacher)]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.methods.base import Features, Method, Shapes, register_method
-from kd.methods.features import match_spatial, unit
+from kd.methods.features import fp32, match_spatial, unit
 
 # Paraphraser optimiser, as in RepDistiller's two-stage "init" (the student recipe's SGD).
 PRETRAIN_LR = 0.05
@@ -25,6 +25,7 @@ PRETRAIN_MOMENTUM = 0.9
 PRETRAIN_WEIGHT_DECAY = 5e-4
 
 
+@fp32
 def ft_loss(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
     """Mean absolute difference of the per-sample L2-normalised flattened factors, in fp32."""
     s = unit(student_factor.float().flatten(1), dim=1)
@@ -61,7 +62,9 @@ class Paraphraser(nn.Module):
 @register_method
 class FactorTransfer(Method):
     name = "factor_transfer"
-    reference = "Kim et al. 2018, eq. 1 (paraphraser reconstruction) and eq. 3 (|| F_T/||F_T|| - F_S/||F_S|| ||_1)"
+    reference = (
+        "Kim et al. 2018, sec. 3 (paraphraser reconstruction; FT loss || F_T/||F_T|| - F_S/||F_S|| ||_1)"
+    )
     options = {
         "ft_rate": (0.5, "paraphrase rate k: factor channels = k * teacher last-stage channels"),
         "ft_pretrain_epochs": (30, "epochs of paraphraser pre-training on the frozen teacher"),
@@ -114,6 +117,7 @@ class FactorTransfer(Method):
                 log_metric("paraphraser_loss", float(total) / max(count, 1), epoch)
         finally:
             self.paraphraser.requires_grad_(False)
+            self.paraphraser.zero_grad(set_to_none=True)
         return True
 
     def pretrained_module(self) -> nn.Module:

@@ -1,11 +1,15 @@
-"""Helpers shared by the feature-based methods: stage selection, pairing, spatial matching.
+"""Helpers shared by the methods: stage selection and pairing, spatial matching, fp32, safe norms.
 
 Models return `[stage features..., logits]`; a method's "stages" are `outputs[:-1]`, numbered
-from 1. Every helper returns fp32 tensors, because the losses are computed in fp32 even under
-autocast (normalisations, distances and SVDs lose too much in bf16/fp16).
+from 1. Losses are computed in fp32 even under autocast (normalisations, distances and
+eigenvectors lose too much in bf16/fp16), so the feature helpers return fp32 tensors.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +18,21 @@ from torch import Tensor
 from kd.methods.base import Features, Shapes
 from kd.spec import SpecError
 
+T = TypeVar("T")
+
 EPS = 1e-12  # squared norms / distances at or below this count as zero
+
+
+def fp32(loss: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: run a loss with autocast off, so its matmuls stay in fp32 (autocast would cast
+    them to bf16/fp16 even for fp32 inputs); the loss casts its inputs with `.float()`."""
+
+    @functools.wraps(loss)
+    def run(*args, **kwargs) -> T:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return loss(*args, **kwargs)
+
+    return run
 
 
 def unit(x: Tensor, dim: int) -> Tensor:
@@ -32,7 +50,9 @@ def check_stage(option: str, stage: int, shapes: Shapes, whose: str) -> int:
     """Validate a 1-based stage option against a model's shapes; returns the 0-based index."""
     stages = len(shapes) - 1
     if not 1 <= stage <= stages:
-        raise SpecError(f"{option} {stage} is not a stage of the {whose} (it has stages 1-{stages}): pass 1-{stages}")
+        raise SpecError(
+            f"{option} {stage} is not a stage of the {whose} (it has stages 1-{stages}): pass 1-{stages}"
+        )
     return stage - 1
 
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.methods.base import Features, Method, Shapes, register_method
-from kd.methods.features import check_stage
+from kd.methods.features import check_stage, fp32
 
 
+@fp32
 def fitnets_loss(projected: Tensor, hint: Tensor) -> Tensor:
     """Mean squared error between the connector's output and the teacher's hint, in fp32."""
     return F.mse_loss(projected.float(), hint.detach().float())

@@ -2,9 +2,9 @@
 
 On the pooled embeddings e (global average pool of the last stage) of a batch:
 - distance: pairwise Euclidean distances, each divided by the mean off-diagonal distance of its
-  own network, compared with the Huber (smooth L1) loss (eqs. 2-4);
+  own network, compared with the Huber (smooth L1) loss;
 - angle: cos of the angle at e_j between (e_i - e_j) and (e_k - e_j) for every triplet (i, j, k),
-  compared with the Huber loss (eqs. 5-6); degenerate triplets (i = j or k = j) count as cos 0
+  compared with the Huber loss; degenerate triplets (i = j or k = j) count as cos 0
   on both sides, as in the authors' code.
 
 Collapse guard: d/dx sqrt(x) is infinite at x = 0 (the diagonal, identical samples), which once
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd.methods.base import Features, Method, register_method
-from kd.methods.features import EPS, pooled_embedding, unit
+from kd.methods.features import EPS, fp32, pooled_embedding, unit
 
 
 def pairwise_distances(e: Tensor) -> Tensor:
@@ -44,6 +44,7 @@ def triplet_cosines(e: Tensor) -> Tensor:
     return diff @ diff.transpose(1, 2)
 
 
+@fp32
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Huber loss between the two networks' normalised distance matrices (fp32 embeddings)."""
     with torch.no_grad():
@@ -51,6 +52,7 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(normalised_distances(student.float()), target)
 
 
+@fp32
 def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Huber loss between the two networks' triplet angle cosines (fp32 embeddings)."""
     with torch.no_grad():
@@ -61,7 +63,7 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 @register_method
 class RKD(Method):
     name = "rkd"
-    reference = "Park et al. 2019, eqs. 2-4 (distance-wise) and 5-6 (angle-wise), Huber loss"
+    reference = "Park et al. 2019, sec. 3.2 (distance-wise and angle-wise potentials, Huber loss)"
     options = {
         "rkd_distance_weight": (25.0, "weight of the distance-wise term (paper: 25)"),
         "rkd_angle_weight": (50.0, "weight of the angle-wise term (paper: 50)"),

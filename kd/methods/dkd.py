@@ -1,0 +1,65 @@
+"""Decoupled knowledge distillation (Zhao, Cui, Song, Qiu, Liang, CVPR 2022, "Decoupled Knowledge
+Distillation").
+
+Hinton's KD split into TCKD, the binary KL between (target, non-target) probabilities, and
+NCKD, the KL among the non-target classes (the target logit masked out by subtracting 1000, as
+in the official mdistiller code); both times T^2, weighted alpha and beta, and ramped up
+linearly over the first `dkd_warmup` epochs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd.methods.base import Features, Method, register_method
+from kd.methods.features import fp32
+
+MASK = 1000.0  # subtracted from the target logit to drop it from the non-target softmax
+
+
+def _binary_log_probs(logits: Tensor, target_mask: Tensor) -> Tensor:
+    """(N, 2) log [p_target, p_non_target], via logsumexp so neither underflows to log 0."""
+    everything = logits.logsumexp(dim=1, keepdim=True)
+    target = (logits * target_mask).sum(dim=1, keepdim=True)
+    non_target = (logits - MASK * target_mask).logsumexp(dim=1, keepdim=True)
+    return torch.cat([target, non_target], dim=1) - everything
+
+
+def _kl(log_p_student: Tensor, log_p_teacher: Tensor) -> Tensor:
+    """KL(teacher || student) summed over classes, mean over the batch."""
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+@fp32
+def dkd_losses(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """(TCKD, NCKD), each T^2 * KL, unweighted."""
+    s = student_logits.float() / temperature
+    t = teacher_logits.detach().float() / temperature
+    target_mask = torch.zeros_like(s).scatter_(1, targets.unsqueeze(1), 1.0)
+    tckd = _kl(_binary_log_probs(s, target_mask), _binary_log_probs(t, target_mask))
+    nckd = _kl(F.log_softmax(s - MASK * target_mask, dim=1), F.log_softmax(t - MASK * target_mask, dim=1))
+    return tckd * temperature**2, nckd * temperature**2
+
+
+@register_method
+class DKD(Method):
+    name = "dkd"
+    reference = "Zhao et al. CVPR 2022, sec. 3 (KD = TCKD + (1 - p_t) NCKD; loss alpha TCKD + beta NCKD)"
+    options = {
+        "dkd_alpha": (1.0, "weight of TCKD (target vs non-target binary KL)"),
+        "dkd_beta": (8.0, "weight of NCKD (KL among the non-target classes)"),
+        "dkd_warmup": (20, "epochs over which both terms ramp up linearly from 1/warmup to 1"),
+    }
+    temperature: float = 4.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 20
+
+    def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
+        tckd, nckd = dkd_losses(student[-1], teacher[-1], targets, self.temperature)
+        ramp = min(epoch / self.dkd_warmup, 1.0) if self.dkd_warmup > 0 else 1.0
+        return {"loss_dkd_tckd": ramp * self.dkd_alpha * tckd, "loss_dkd_nckd": ramp * self.dkd_beta * nckd}
