@@ -66,6 +66,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
                         help="MLflow experiment (default kd)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
 
@@ -87,7 +89,7 @@ def spec_from_args(args: argparse.Namespace, **fixed: Any) -> RunSpec:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, method="pure", teacher=None, alpha=None)
+    spec = spec_from_args(args, method="pure", teacher=None, alpha=None, role=args.role or "teacher")
     return train_and_report([spec], args)
 
 
@@ -106,7 +108,8 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     attach = os.environ.get("MLFLOW_RUN_ID")
     experiment = attached_experiment(attach) if attach else args.experiment
     try:
-        outcomes = run_specs(specs, experiment=experiment, device=args.device, force=args.force, attach_run_id=attach)
+        outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
+                             force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
         return 0
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in ("models", "datasets", "methods"):
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
+    from kd.cluster.cli import register as register_cluster; register_cluster(sub)  # noqa: E702, I001
     return parser
 
 

@@ -8,6 +8,7 @@ falls back to the previous one with a warning instead of an unpickling traceback
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kd.engine.faults import crash_point
 from kd.tracking.runs import RunTracker
 
 NEWEST = "checkpoint/checkpoint.pth"
@@ -25,8 +27,13 @@ PREVIOUS = "checkpoint/previous.pth"
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file, fsync, then rename over `path` (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        f.write(data[: len(data) // 2])
+        crash_point("checkpoint_write")
+        f.write(data[len(data) // 2 :])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -49,6 +56,7 @@ class CheckpointStore:
         if newest.exists():
             shutil.copyfile(newest, previous)
             self.tracker.log_file(previous, "checkpoint")
+            crash_point("checkpoint_upload")
         save_atomic(state, newest)
         self.tracker.log_file(newest, "checkpoint")
 

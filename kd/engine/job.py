@@ -37,6 +37,7 @@ from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
 
@@ -103,11 +104,27 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def system_metrics(trackers: list[RunTracker]):
+    """MLflow's CPU / GPU / memory sampling, into each run of the pack."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitors = [SystemMetricsMonitor(t.run_id, resume_logging=t.resumed) for t in trackers]
+    for monitor in monitors:
+        monitor.start()
+    try:
+        yield
+    finally:
+        for monitor in monitors:
+            monitor.finish()
+
+
 def run_specs(
     specs: list[RunSpec],
     *,
     experiment: str = DEFAULT_EXPERIMENT,
     device: str = "auto",
+    precision: str = "auto",
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
@@ -123,6 +140,9 @@ def run_specs(
     check_pack(specs)
     first = specs[0]
     dev = pick_device(device)
+    if precision not in PRECISIONS:
+        raise SpecError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    amp = Precision.for_device(dev, precision)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     client = get_client()
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
@@ -139,13 +159,13 @@ def run_specs(
             for spec, tracker in zip(specs, trackers, strict=True):
                 if source:
                     tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
-                students.append(make_student(spec, tracker, data, dev, tmp))
+                students.append(make_student(spec, tracker, data, amp, tmp))
             for student in students:
                 pretrain_once(student, teacher, data)
-            with sigterm_flag() as should_stop:
+            with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
-                    Trainer(students, data, teacher, Precision.for_device(dev), should_stop, progress, on_epoch).run()
+                    Trainer(students, data, teacher, amp, should_stop, progress, on_epoch).run()
                 finally:
                     for stop in stops:
                         stop.set()
@@ -160,7 +180,8 @@ def run_specs(
         return [finish(s, tmp) for s in students]
 
 
-def make_student(spec: RunSpec, tracker: RunTracker, data: DeviceData, device: torch.device, tmp: Path) -> Student:
+def make_student(spec: RunSpec, tracker: RunTracker, data: DeviceData, amp: Precision, tmp: Path) -> Student:
+    device = amp.device
     model = seeded_build(spec.seed, lambda: create_model(spec.model, data.num_classes, data.in_channels,
                                                          data.image_size)).to(device)
     student_shapes = output_shapes(model, data)
@@ -172,7 +193,7 @@ def make_student(spec: RunSpec, tracker: RunTracker, data: DeviceData, device: t
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = build_optimizer(spec, params)
     student = Student(spec, tracker, CheckpointStore(tracker, tmp), model, method, optimizer,
-                      build_scheduler(spec, optimizer), Precision.for_device(device).scaler())
+                      build_scheduler(spec, optimizer), amp.scaler())
     state = student.checkpoints.load() if tracker.resumed else None
     if state is not None:
         student.restore(state)

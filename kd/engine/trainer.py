@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kd.data.loader import DeviceData, Split
 from kd.engine.checkpoint import CheckpointStore
+from kd.engine.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import RunSpec
 from kd.tracking.runs import RunTracker
@@ -50,10 +51,13 @@ class Precision:
     dtype: torch.dtype | None
 
     @classmethod
-    def for_device(cls, device: torch.device) -> Precision:
-        if device.type != "cuda":
-            return cls(device, None)
-        return cls(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    def for_device(cls, device: torch.device, choice: str = "auto") -> Precision:
+        """`auto`: bf16 on GPUs that support it, fp16 on older GPUs (V100), fp32 on the CPU."""
+        if choice == "auto":
+            if device.type != "cuda":
+                return cls(device, None)
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return cls(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice])
 
     def autocast(self) -> Any:
         if self.dtype is None:
@@ -83,6 +87,7 @@ class Student:
     best_acc: float = -1.0
     best_weights: dict[str, Tensor] | None = None
     skipped_in_a_row: int = 0
+    logged_epochs: set[int] = field(default_factory=set)  # epochs MLflow already has (after a fallback)
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue bit-exactly (loads with weights_only=True)."""
@@ -120,9 +125,9 @@ class Student:
 
     def catch_up_metrics(self) -> None:
         """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""
-        logged = self.tracker.logged_steps("test_acc")
+        self.logged_epochs = self.tracker.logged_steps("test_acc")
         for epoch in range(1, self.epoch + 1):
-            if epoch not in logged:
+            if epoch not in self.logged_epochs:
                 self.tracker.log_epoch(epoch, {k: v[epoch - 1] for k, v in self.history.items()})
 
 
@@ -151,6 +156,7 @@ def evaluate(model: nn.Module, data: DeviceData, split: Split, precision: Precis
             logits = model(x)[-1].float()
         loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+        crash_point("eval")
     return loss.item() / len(split), 100.0 * correct.item() / len(split)
 
 
@@ -204,6 +210,7 @@ class Trainer:
             for s in stepping:
                 self.step(s, x, y, teacher_out, epoch, b)
                 s.batch = b + 1
+                crash_point("step")
             if self.should_stop() and b + 1 < steps:
                 for s in active:
                     s.checkpoints.save(s.state())
@@ -267,7 +274,9 @@ class Trainer:
             s.history[k].append(v)
         s.epoch, s.batch, s.sums = epoch, 0, defaultdict(float)
         s.checkpoints.save(s.state())
-        s.tracker.log_epoch(epoch, metrics)
+        crash_point("metrics_log")
+        if epoch not in s.logged_epochs:  # re-trained after falling back to an older checkpoint
+            s.tracker.log_epoch(epoch, metrics)
         if self.on_epoch is not None:
             self.on_epoch(s, epoch, metrics)
         if not self.progress or len(self.students) > 1:

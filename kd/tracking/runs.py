@@ -64,9 +64,27 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def owner_is_dead_here(owner: str) -> bool:
+    """True if the owner process ran on this host and is gone (a kill -9 leaves no goodbye)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def lease_is_live(run: Run, now: float | None = None) -> bool:
+    """RUNNING with a recent heartbeat from a process that is not known to be dead."""
     beat = run.data.tags.get("kd.heartbeat")
     if run.info.status != "RUNNING" or beat is None:
+        return False
+    if owner_is_dead_here(run.data.tags.get("kd.owner", "")):
         return False
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 

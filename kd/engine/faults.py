@@ -1,0 +1,27 @@
+"""Crash points for the crash-safety tests: `KD_CRASH_AT=point:n` kills the process with SIGKILL
+the n-th time it reaches `point` (1-based), exactly as a node failure would, mid-operation.
+
+Points: `step` (after an optimiser step), `eval` (inside evaluation), `checkpoint_write` (half
+a checkpoint file written), `checkpoint_upload` (between the two artifact uploads),
+`metrics_log` (checkpoint committed, metrics not yet logged). Unset, it costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_reached: Counter[str] = Counter()
+
+
+def crash_point(point: str) -> None:
+    target = os.environ.get("KD_CRASH_AT")
+    if not target:
+        return
+    name, _, count = target.partition(":")
+    if name != point:
+        return
+    _reached[point] += 1
+    if _reached[point] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

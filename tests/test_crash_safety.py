@@ -1,0 +1,215 @@
+"""Crash-safe runs: kill -9 anywhere, corrupt checkpoints, SIGTERM, errors, one run per spec, the guard."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import Tensor
+
+from kd.engine.checkpoint import load_weights_only
+from kd.engine.job import run_specs
+from kd.engine.trainer import TrainingDiverged
+from kd.methods.base import METHODS, Method, register_method
+from kd.models import create_model
+from kd.spec import RunSpec
+from tests.conftest import ROOT, run_kd
+
+
+def student(epochs: int = 4, train_limit: int = 640) -> tuple[str, ...]:
+    """A short KD run (by default 4 epochs of 10 steps), logit KD from a ResNet8 teacher."""
+    return ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--student", "ResNet8", "--method", "logit",
+            "--alpha", "0.5", "--epochs", str(epochs), "--batch-size", "64", "--train-limit", str(train_limit),
+            "--device", "cpu")
+
+
+STUDENT = student()
+LONG = student(epochs=60, train_limit=1400)  # long enough to be caught running
+TEACHER = ("train", "--dataset", "digits", "--model", "ResNet8", "--role", "teacher", "--epochs", "2",
+           "--batch-size", "64", "--device", "cpu")
+# Crash points and how many times each may be reached before the kill, so that the kill
+# lands in the epoch being trained (10 steps, one evaluation batch, one checkpoint per epoch).
+CRASH_POINTS = {"step": 10, "eval": 1, "checkpoint_write": 1, "checkpoint_upload": 1, "metrics_log": 1}
+
+
+def runs_of(experiment: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`kd.role` = 'student'") if exp else []
+
+
+def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def final_weights(run_id: str, tmp: Path) -> dict[str, Tensor]:
+    path = MlflowClient().download_artifacts(run_id, "best.pth", str(tmp))
+    return load_weights_only(Path(path))["weights"]
+
+
+@pytest.fixture
+def teacher(store):
+    done = run_kd(*TEACHER)
+    assert done.returncode == 0, done.stderr
+    return store
+
+
+def test_kill_9_anywhere_resumes_bit_identical(teacher, tmp_path):
+    reference = run_kd(*STUDENT, "--experiment", "reference")
+    assert reference.returncode == 0, reference.stderr
+    rng = random.Random(20261122)
+    points = list(CRASH_POINTS) + ["step"]
+    rng.shuffle(points)
+    for point in points:
+        n = rng.randint(1, CRASH_POINTS[point])
+        crashed = run_kd(*STUDENT, "--experiment", "crashed", env={"KD_CRASH_AT": f"{point}:{n}"})
+        assert crashed.returncode == -signal.SIGKILL, (point, n, crashed.stdout, crashed.stderr)
+    last = run_kd(*STUDENT, "--experiment", "crashed")
+    assert last.returncode == 0, last.stderr
+    (ref,), (run,) = runs_of("reference"), runs_of("crashed")
+    assert run.info.status == "FINISHED"
+    keys = set(ref.data.metrics) - {"epoch_time"} - {k for k in ref.data.metrics if k.startswith("system/")}
+    assert set(run.data.metrics) >= keys
+    for key in sorted(keys):
+        got, want = history(run.info.run_id, key), history(ref.info.run_id, key)
+        assert [s for s, _ in got] == [s for s, _ in want], f"{key}: duplicate or missing steps"
+        assert got == want, f"{key} differs after resume"
+    steps = [s for s, _ in history(run.info.run_id, "epoch_time")]
+    assert steps == [1, 2, 3, 4]
+    a, b = final_weights(ref.info.run_id, tmp_path / "a"), final_weights(run.info.run_id, tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def artifact_path(run_id: str, artifact: str) -> Path:
+    uri = MlflowClient().get_run(run_id).info.artifact_uri
+    return Path(uri.removeprefix("file://")) / artifact
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(teacher):
+    crashed = run_kd(*STUDENT, env={"KD_CRASH_AT": "step:25"})  # killed in epoch 3: checkpoints of 1 and 2
+    assert crashed.returncode == -signal.SIGKILL
+    (run,) = runs_of("kd")
+    newest = artifact_path(run.info.run_id, "checkpoint/checkpoint.pth")
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a kill during the upload
+    resumed = run_kd(*STUDENT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "falling back to the previous checkpoint" in resumed.stderr
+    assert "after epoch 1" in resumed.stdout
+    assert [s for s, _ in history(run.info.run_id, "test_acc")] == [1, 2, 3, 4]
+
+
+def wait_for_epoch(experiment: str, epoch: int, timeout: float = 120) -> object:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = runs_of(experiment)
+        if runs and int(runs[0].data.tags.get("kd.epoch", 0)) >= epoch:
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no run reached epoch {epoch}")
+
+
+def start_kd(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kd.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.getcwd())
+
+
+def test_sigterm_writes_a_usable_checkpoint_and_marks_killed(teacher, tmp_path):
+    proc = start_kd(*LONG)
+    run = wait_for_epoch("kd", 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    state = load_weights_only(Path(MlflowClient().download_artifacts(
+        run.info.run_id, "checkpoint/checkpoint.pth", str(tmp_path))))
+    assert state["epoch"] >= 1 and state["batch"] > 0, "SIGTERM checkpoints mid-epoch, at the next batch"
+    assert set(state) >= {"model", "method", "optimizer", "scheduler", "rng_cpu", "history", "sums"}
+    create_model("ResNet8", 10, 1, 8).load_state_dict(state["model"])
+    assert [s for s, _ in history(run.info.run_id, "test_acc")] == list(range(1, state["epoch"] + 1))
+
+
+def test_concurrent_same_spec_is_refused_and_mlflow_run_resumes_the_unfinished_run(teacher):
+    proc = start_kd(*LONG)
+    try:
+        wait_for_epoch("kd", 1)
+        second = run_kd(*LONG)
+        assert second.returncode == 3 and "is being trained right now" in second.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    (run,) = runs_of("kd")
+    done = subprocess.run(
+        ["mlflow", "run", str(ROOT), "-e", "distill", "--env-manager", "local", "--experiment-name", "kd",
+         "-P", "dataset=digits", "-P", "teacher=ResNet8", "-P", "student=ResNet8", "-P", "method=logit",
+         "-P", "alpha=0.5", "-P", "epochs=60", "-P", "batch_size=64", "-P", "device=cpu", "-P", "train_limit=1400",
+         "-P", "lr=0.1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "KD_CRASH_AT": "metrics_log:1"},
+    )
+    assert "resuming run " + run.info.run_id in done.stdout, done.stderr[-2000:]
+    client = MlflowClient()
+    created = client.search_runs([run.info.experiment_id], f"tags.`kd.resumed_in` = '{run.info.run_id}'")
+    assert len(created) == 1 and "kd.key" not in created[0].data.tags
+
+
+class PlantedNaN(Method):
+    name = "planted_nan"
+
+    def forward(self, student, teacher, targets, epoch):
+        return {"loss_planted": student[-1].sum() * float("nan")}
+
+
+class InfiniteGradient(Method):
+    """The old RKD bug: sqrt at a zero distance is finite forwards, infinite backwards."""
+
+    name = "infinite_gradient"
+
+    def forward(self, student, teacher, targets, epoch):
+        return {"loss_sqrt": torch.sqrt(student[-1].float().sum() * 0.0)}
+
+
+@pytest.fixture
+def broken_methods():
+    for cls in (PlantedNaN, InfiniteGradient):
+        register_method(cls)
+    yield
+    for cls in (PlantedNaN, InfiniteGradient):
+        METHODS.pop(cls.name)
+
+
+def test_guard_stops_a_nan_loss_as_failed(teacher, broken_methods):
+    spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="planted_nan", epochs=2,
+                          batch_size=64)
+    with pytest.raises(TrainingDiverged, match=r"method 'planted_nan' at epoch 1, step 1: .*loss_planted=nan"):
+        run_specs([spec], device="cpu", progress=False)
+    (run,) = runs_of("kd")
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["kd.error"]
+
+
+def test_guard_stops_skipped_fp16_steps_as_failed(teacher, broken_methods):
+    spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="infinite_gradient",
+                          epochs=20, batch_size=16)
+    with pytest.raises(TrainingDiverged, match=r"100 optimiser steps in a row skipped .* 'infinite_gradient'"):
+        run_specs([spec], device="cpu", precision="fp16", progress=False)
+    (run,) = runs_of("kd")
+    assert run.info.status == "FAILED"
+
+
+def test_an_exception_marks_the_run_failed(teacher):
+    spec = RunSpec.create(dataset="digits", model="ResNet8", role="student", epochs=3, batch_size=64)
+
+    def explode(student, epoch, metrics):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        run_specs([spec], device="cpu", progress=False, on_epoch=explode)
+    (run,) = runs_of("kd")
+    assert run.info.status == "FAILED" and run.data.tags["kd.error"] == "RuntimeError: disk full"
