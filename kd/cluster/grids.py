@@ -1,0 +1,128 @@
+"""Experiment grids: a YAML file (shipped in kd/cluster/grids/ or any path) -> RunSpecs + job settings.
+
+A grid is a product, not a list, because that is how the thesis rounds are designed: for every
+dataset and seed, a teacher, optionally a pure student, and every (KD method, alpha) student.
+Teachers come first so that a limited queue fills with what the students wait for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd.cluster.templates import JobSettings
+from kd.spec import RunSpec, SpecError
+
+GRIDS_DIR = Path(__file__).parent / "grids"
+GRID_KEYS = {"experiment", "datasets", "seeds", "teacher", "student", "pure_student", "methods", "alphas",
+             "spec", "job"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    experiment: str
+    specs: tuple[RunSpec, ...]
+    job: JobSettings
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def grid_path(name_or_path: str) -> Path:
+    """A shipped grid by name, else a YAML file by path."""
+    shipped = GRIDS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    raise SpecError(f"no grid '{name_or_path}': pass one of {', '.join(grid_names())} or the path of a YAML file")
+
+
+def load_grid(name_or_path: str, overrides: Sequence[str] = ()) -> Grid:
+    """Read a grid; `overrides` are KEY=VALUE pairs for a spec field (e.g. epochs) or a job setting."""
+    path = grid_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"grid {path} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from None
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise SpecError(f"grid {path} has unknown key(s) {', '.join(unknown)}: use {', '.join(sorted(GRID_KEYS))}")
+    spec_values = dict(raw.get("spec") or {})
+    job_values = dict(raw.get("job") or {})
+    for pair in overrides:
+        key, value = split_override(pair)
+        if key in spec_fields():
+            spec_values[key] = coerce(key, value, spec_fields()[key])
+        elif key in job_fields():
+            job_values[key] = coerce(key, value, job_fields()[key])
+        else:
+            raise SpecError(f"--set {key}: not a spec field or job setting; job settings are "
+                            f"{', '.join(job_fields())}")
+    name = path.stem
+    return Grid(name, str(raw.get("experiment") or name), expand(raw, spec_values), JobSettings.create(job_values))
+
+
+def expand(raw: dict[str, Any], base: dict[str, Any]) -> tuple[RunSpec, ...]:
+    """Teachers for every (dataset, seed) first, then the students; duplicates dropped."""
+    for key in ("datasets", "seeds", "teacher", "student"):
+        if key not in raw:
+            raise SpecError(f"grid needs '{key}': see docs/cluster.md for the grid format")
+    teachers, students = [], []
+    for dataset in raw["datasets"]:
+        for seed in raw["seeds"]:
+            common = {**base, "dataset": dataset, "seed": seed}
+            teachers.append(RunSpec.create(**common, model=raw["teacher"], role="teacher", method="pure"))
+            if raw.get("pure_student", True):
+                students.append(RunSpec.create(**common, model=raw["student"], role="student", method="pure"))
+            for method in raw.get("methods") or []:
+                for alpha in raw.get("alphas") or [0.5]:
+                    students.append(RunSpec.create(**common, model=raw["student"], teacher=raw["teacher"],
+                                                   method=method, alpha=float(alpha), role="student"))
+    unique = {s.key(): s for s in [*teachers, *students]}
+    return tuple(unique.values())
+
+
+def split_override(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {pair!r}: write KEY=VALUE, e.g. --set epochs=2 or --set walltime=01:00:00")
+    return key.strip(), value
+
+
+def spec_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(RunSpec) if f.name != "options"}
+
+
+def job_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(JobSettings)}
+
+
+def coerce(name: str, text: str, f: dataclasses.Field) -> Any:
+    """A --set value typed like the field it sets (read from its annotation)."""
+    kind = str(f.type)
+    if text.strip().lower() in ("", "none", "null") and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if kind.startswith("tuple"):
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            return tuple(int(t) for t in items) if "int" in kind else tuple(items)
+    except ValueError:
+        raise SpecError(f"--set {name}={text!r}: expected {kind.split(' ')[0]}") from None
+    return text

@@ -1,0 +1,191 @@
+"""Job scripts from pbs_templates/: settings validated, every value shell-quoted.
+
+Settings come from grid YAML files and `--set`, i.e. from text a user (or a colleague's grid)
+wrote; a job script is run by a shell on the cluster. So every value is first checked against
+what it can legitimately be (a walltime is HH:MM:SS, a queue a plain word, a path has no shell
+syntax) and rejected with a one-line SpecError otherwise, then written with `shlex.quote`.
+Scheduler directives (`#PBS`, `#SBATCH`) are not shell, so only plain words go there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.spec import SpecError
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "pbs_templates"
+
+_ALNUM = string.ascii_letters + string.digits
+WORD_CHARS = set(_ALNUM + "_.:+=/@,%-")  # queue, project, partition, gres, constraint, job names
+MODULE_CHARS = set(_ALNUM + "_.+/@-")
+SHELL_SPECIAL = set("`$;&|<>(){}[]\\\"'!*?#~\n\r\t\0")  # paths may hold spaces, never these
+URI_SPECIAL = set("`$;|<>\\\"'\n\r\t\0")  # URIs, env values, arguments: & ? # ( ) and spaces are quoted
+WALLTIME = re.compile(r"\d{1,4}:[0-5]\d:[0-5]\d")
+MEM = re.compile(r"(\d+)([kmgt])b?", re.IGNORECASE)
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Resources and environment of one job; a grid's `job:` block, overridable with `--set`."""
+
+    walltime: str = "02:00:00"  # HH:MM:SS
+    ncpus: int = 8
+    gpus: int = 1  # PBS: ngpus in the select; Slurm: --gres=gpu:N unless gres is given
+    mem: str = "16gb"
+    queue: str | None = None  # PBS -q
+    project: str | None = None  # PBS -P, Slurm --account
+    partition: str | None = None  # Slurm --partition
+    gres: str | None = None  # Slurm --gres
+    constraint: str | None = None  # Slurm --constraint
+    modules: tuple[str, ...] = ()  # `module load` before the environment is activated
+    venv: str | None = None  # a venv (e.g. $HOME/kd-venv), activated in place, never copied
+    conda_env: str | None = None  # a conda env name or prefix, instead of venv
+    scratch: bool = False  # work in the node's $TMPDIR instead of workdir
+    workdir: str | None = None  # default: where `kd submit` runs
+    data_root: str | None = None  # KD_DATA_ROOT of the job; default $KD_DATA_ROOT or workdir/data
+    jobs_dir: str | None = None  # job scripts and logs; default kd-jobs/ beside the sqlite store
+    device: str = "auto"
+
+    @classmethod
+    def create(cls, values: dict[str, Any]) -> JobSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SpecError(f"unknown job setting(s) {', '.join(unknown)}: use {', '.join(sorted(names))}")
+        if isinstance(values.get("modules"), str):
+            values = {**values, "modules": values["modules"].split(",")}
+        if isinstance(values.get("modules"), list):
+            values = {**values, "modules": tuple(values["modules"])}
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and "None" in kind:
+                continue
+            expected = {"int": int, "bool": bool, "tuple": tuple}.get(kind.split("[")[0].split(" ")[0], str)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise SpecError(f"job setting {f.name}={value!r} must be {expected.__name__}"
+                                + (" (quote it in YAML: \"2:00:00\")" if f.name == "walltime" else ""))
+        if not WALLTIME.fullmatch(self.walltime):
+            raise SpecError(f"job setting walltime={self.walltime!r} is not HH:MM:SS (e.g. 02:00:00)")
+        if not MEM.fullmatch(self.mem):
+            raise SpecError(f"job setting mem={self.mem!r} is not a size like 16gb or 500mb")
+        if not DEVICE.fullmatch(self.device):
+            raise SpecError(f"job setting device={self.device!r}: use auto, cpu or cuda")
+        if self.ncpus < 1 or self.gpus < 0:
+            raise SpecError("job settings need ncpus >= 1 and gpus >= 0")
+        if self.venv and self.conda_env:
+            raise SpecError("job settings venv and conda_env are both set: keep one")
+        for name in ("queue", "project", "partition", "gres", "constraint"):
+            if getattr(self, name) is not None:
+                check_chars(name, getattr(self, name), allowed=WORD_CHARS)
+        for module in self.modules:
+            check_chars("modules", module, allowed=MODULE_CHARS)
+        for name in ("venv", "conda_env", "workdir", "data_root", "jobs_dir"):
+            if getattr(self, name) is not None:
+                check_chars(name, getattr(self, name), forbidden=SHELL_SPECIAL)
+
+    def resolved(self) -> JobSettings:
+        """Defaults from the submitting shell, paths absolute: jobs start elsewhere, maybe on scratch.
+
+        With neither venv nor conda_env, the job activates the environment `kd submit` runs in.
+        """
+        workdir = absolute(self.workdir or os.getcwd())
+        data_root = absolute(self.data_root or os.environ.get("KD_DATA_ROOT") or f"{workdir}/data")
+        venv, conda = self.venv, self.conda_env
+        if venv is None and conda is None:
+            if sys.prefix != sys.base_prefix:
+                venv = sys.prefix
+            else:
+                conda = os.environ.get("CONDA_PREFIX")
+        return dataclasses.replace(self, workdir=workdir, data_root=data_root,
+                                   venv=absolute(venv) if venv else None, conda_env=conda,
+                                   jobs_dir=absolute(self.jobs_dir or default_jobs_dir()))
+
+
+def default_jobs_dir() -> str:
+    from kd.tracking.store import tracking_uri
+
+    uri = tracking_uri()
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return str(folder / "kd-jobs")
+
+
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+def check_chars(name: str, value: str, *, allowed: set[str] | None = None, forbidden: set[str] = frozenset()) -> str:
+    """Reject a value holding shell syntax, naming the characters, in one line."""
+    bad = sorted({c for c in value if (allowed is not None and c not in allowed) or c in forbidden
+                  or not c.isprintable()})
+    if bad or not value:
+        shown = "".join(bad).encode("unicode_escape").decode()
+        raise SpecError(f"job setting {name}={value!r} is rejected: "
+                        + (f"it contains '{shown}', which a shell would interpret; " if bad else "it is empty; ")
+                        + "use a plain value (letters, digits, . _ - /)")
+    return value
+
+
+def quote_command(argv: list[str]) -> str:
+    for arg in argv:
+        check_chars("command argument", arg, forbidden=URI_SPECIAL)
+    return shlex.join(argv)
+
+
+def render(kind: str, s: JobSettings, name: str, command: list[str], env: dict[str, str]) -> str:
+    """The job script for scheduler `kind` (pbs | slurm | local) from resolved settings."""
+    check_chars("job name", name, allowed=WORD_CHARS)
+    exports = []
+    for key, value in env.items():
+        if not ENV_NAME.fullmatch(key):
+            raise SpecError(f"environment variable name {key!r} is not a plain NAME")
+        exports.append(f"export {key}={shlex.quote(check_chars(key, value, forbidden=URI_SPECIAL))}")
+    activate = []
+    if s.venv:
+        activate.append(f"source {shlex.quote(s.venv + '/bin/activate')}")
+    elif s.conda_env:
+        activate += ['eval "$(conda shell.bash hook)"', f"conda activate {shlex.quote(s.conda_env)}"]
+    modules = []
+    if s.modules:
+        modules = ["type module >/dev/null 2>&1 || . /etc/profile  # batch shells may lack `module`",
+                   "module load " + " ".join(shlex.quote(m) for m in s.modules)]
+    body = load_template("job.sh.tmpl").substitute(
+        modules="\n".join(modules),
+        activate="\n".join(activate),
+        workdir='"${TMPDIR:-/tmp}"' if s.scratch else shlex.quote(s.workdir),
+        exports="\n".join(exports),
+        command=quote_command(command),
+    )
+    amount, unit = MEM.fullmatch(s.mem).groups()
+    values = {"name": name, "walltime": s.walltime, "ncpus": str(s.ncpus), "body": body}
+    if kind == "pbs":
+        values["mem"] = f"{amount}{unit.lower()}b"
+        values["ngpus"] = f":ngpus={s.gpus}" if s.gpus else ""
+        values["directives"] = directives("#PBS", {"-q ": s.queue, "-P ": s.project})
+    elif kind == "slurm":
+        values["mem"] = f"{amount}{unit.upper()}"
+        gres = s.gres or (f"gpu:{s.gpus}" if s.gpus else None)
+        values["directives"] = directives("#SBATCH", {"--partition=": s.partition, "--account=": s.project,
+                                                      "--gres=": gres, "--constraint=": s.constraint})
+    return load_template(f"{kind}.sh.tmpl").substitute(values)
+
+
+def directives(prefix: str, flags: dict[str, str | None]) -> str:
+    return "\n".join(f"{prefix} {flag}{value}" for flag, value in flags.items() if value)
+
+
+def load_template(name: str) -> string.Template:
+    return string.Template((TEMPLATES_DIR / name).read_text())
