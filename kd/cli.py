@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
     p.set_defaults(func=cmd_demo)
 
+    from kd.analysis.cli import register as register_analysis
+
+    register_analysis(sub)
+
     for kind in ("models", "datasets", "methods"):
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
