@@ -1,0 +1,7 @@
+"""MLproject entry point `tune`: the same as `kd tune`; the run `mlflow run` created becomes the study's run."""
+
+import sys
+
+from kd.tune import main
+
+sys.exit(main(sys.argv[1:]))

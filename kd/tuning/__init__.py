@@ -1,0 +1,1 @@
+"""Optuna tuning of a method's options: search spaces, study storage, trials as MLflow runs."""
