@@ -193,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from kd.analysis.cli import register as register_analysis
+    from kd.tune import register as register_tune
 
     register_analysis(sub)
+    register_tune(sub)
 
     for kind in ("models", "datasets", "methods"):
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
