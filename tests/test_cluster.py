@@ -47,7 +47,8 @@ from kd.cluster.schedulers import (
 )
 from kd.cluster.server import server_argv
 from kd.cluster.templates import JobSettings, render
-from kd.spec import SpecError
+from kd.engine.job import run_specs
+from kd.spec import RunSpec, SpecError
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client
 from tests.conftest import run_kd
@@ -321,9 +322,12 @@ def test_server_refuses_to_listen_beyond_loopback_without_auth(tmp_path):
         server_argv(uri, str(tmp_path), host="0.0.0.0")
     argv = server_argv(uri, str(tmp_path), host="0.0.0.0", app_name="basic-auth")
     assert argv[1:4] == ["-m", "mlflow", "server"] and argv[-2:] == ["--app-name", "basic-auth"]
+    assert argv[argv.index("--backend-store-uri") + 1].startswith("postgresql+psycopg")
     local = server_argv(uri, "shared/artifacts")
     assert local[local.index("--artifacts-destination") + 1] == str(Path("shared/artifacts").absolute())
     assert local[local.index("--host") + 1] == "127.0.0.1"
+    assert kd_main(["server", "--backend-store-uri", uri, "--artifacts-destination", str(tmp_path),
+                    "--host", "0.0.0.0"]) == 2
 
 
 # ----------------------------------------------------------------------------------------- local scheduler
@@ -364,6 +368,9 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     assert len(client.search_runs([final.info.experiment_id])) == 1
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")
     assert "plan: submit 0, resume 0, skip-finished 1" in out
+    for argv in (("--grid", grid), ("--experiment", "one")):  # kd status: from the grid, or every run
+        code, out = kd("status", *argv)
+        assert code == 0 and final.data.tags["kd.job_id"] in out and "1 finished (1 specs)" in out
 
 
 def test_failed_submission_leaves_no_run(store, tmp_path, monkeypatch):
@@ -374,3 +381,28 @@ def test_failed_submission_leaves_no_run(store, tmp_path, monkeypatch):
     assert code == 2
     client = MlflowClient()
     assert client.search_runs([client.get_experiment_by_name("smoke").experiment_id]) == []
+
+
+def test_tune_workers_are_submitted_once_and_finish_the_study(store):
+    """`kd submit --tune STUDY --workers 2`: two worker jobs, none while they live, none once done."""
+    teacher = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=1, batch_size=64,
+                             train_limit=256)
+    run_specs([teacher], experiment="tune", device="cpu", progress=False)  # registers digits-ResNet8@seed0
+    code, _ = kd("tune", "--dataset", "digits", "--method", "logit", "--teacher", "ResNet8", "--student", "ResNet8",
+                 "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--trials", "2", "--params", "alpha",
+                 "--pruner", "none", "--study", "t", "--create-only", "--experiment", "tune", "--device", "cpu")
+    assert code == 0
+    argv = ("submit", "--tune", "t", "--workers", "2", "--scheduler", "local", "--experiment", "tune",
+            "--set", "ncpus=1", "--set", "gpus=0", "--set", "device=cpu")
+    code, out = kd(*argv)
+    assert code == 0 and out.count("submitted local job") == 2, out
+    code, out = kd(*argv)  # workers still importing torch: both alive
+    assert out.count(": skip-running (local job") == 2 and "submitted" not in out, out
+    client = MlflowClient()
+    [parent] = client.search_runs([client.get_experiment_by_name("tune").experiment_id],
+                                  "tags.`kd.study` = 't' AND tags.`kd.tuning` = 'study'")
+    jobs = [parent.data.tags[f"kd.worker{i}.job_id"] for i in range(2)]
+    wait_for(lambda: not Local().live(jobs), 300, "the workers to finish the study")
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    code, out = kd(*argv)
+    assert out.count(": skip-finished") == 2 and "submitted" not in out

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.cluster.schedulers import SCHEDULERS
+from kd.spec import SpecError
 
 
 def register(sub: Any) -> None:
@@ -17,6 +18,11 @@ def register(sub: Any) -> None:
                                    "submit. Idempotent: run it from cron. See docs/cluster.md.")
     add_submit_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan only: no run, script or job")
+    tune = p.add_argument_group("tuning workers (instead of --grid; see docs/tuning.md)")
+    tune.add_argument("--tune", metavar="STUDY", default=None, help="submit worker jobs for this Optuna study")
+    tune.add_argument("--workers", type=int, default=1, help="worker jobs kept alive for the study (default 1)")
+    tune.add_argument("--storage", default=None, help="the study's Optuna storage (default: optuna.db beside "
+                                                      "the sqlite store)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="progress of a grid (or of every run of an experiment)")
@@ -46,7 +52,7 @@ def register(sub: Any) -> None:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", required=True, help="grid name (beta, charlie, smoke) or YAML path")
+    p.add_argument("--grid", default=None, help="grid name (beta, charlie, smoke) or YAML path")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="pbs", help="default pbs")
     p.add_argument("--max-queued", type=int, default=10, help="live jobs of the experiment at most (default 10)")
     p.add_argument("--pack", type=int, default=1, help="students per job when they share data and teacher")
@@ -69,9 +75,17 @@ def submit_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kd.cluster.grids import load_grid
-    from kd.cluster.submit import submit_grid
+    from kd.cluster.grids import job_settings, load_grid
+    from kd.cluster.submit import submit_grid, submit_tune
 
+    if bool(args.grid) == bool(args.tune):
+        raise SpecError("kd submit needs --grid NAME or --tune STUDY (one of them)")
+    if args.tune:
+        from kd.tuning.storage import default_storage
+
+        submit_tune(args.tune, args.storage or default_storage(), args.workers, args.scheduler, job_settings(args.set),
+                    experiment=args.experiment or "kd", max_queued=args.max_queued, dry_run=args.dry_run)
+        return 0
     grid = load_grid(args.grid, args.set)
     submit_grid(grid, args.scheduler, experiment=args.experiment or grid.experiment, max_queued=args.max_queued,
                 pack=args.pack, dry_run=args.dry_run, retry_failed=args.retry_failed)
@@ -106,6 +120,8 @@ def cmd_cron(args: argparse.Namespace) -> int:
     from kd.cluster.grids import load_grid
     from kd.tracking.store import tracking_uri
 
+    if not args.grid:
+        raise SpecError("kd cron needs --grid NAME")
     grid = load_grid(args.grid, args.set)  # a bad grid or setting fails now, not every 30 minutes
     if args.action == "off":
         removed = set_entry(grid.name, None, args.crontab_file)
@@ -124,7 +140,6 @@ def cmd_cron(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from kd.cluster.server import server_argv
-    from kd.spec import SpecError
 
     if not args.backend_store_uri:
         raise SpecError("kd server needs --backend-store-uri postgresql://USER:PASSWORD@HOST:5432/DB")

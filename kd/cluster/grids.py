@@ -2,7 +2,8 @@
 
 A grid is a product, not a list, because that is how the thesis rounds are designed: for every
 dataset and seed, a teacher, optionally a pure student, and every (KD method, alpha) student.
-Teachers come first so that a limited queue fills with what the students wait for.
+Teachers come first so that a limited queue fills with what the students wait for. Model pairs
+with recipes of their own (the lab's CNN and ViT pairs) are `tracks:`, each with its `presets:`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any
 import yaml
 
 from kd.cluster.templates import JobSettings
+from kd.presets import preset_defaults
 from kd.spec import RunSpec, SpecError
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRID_KEYS = {"experiment", "datasets", "seeds", "teacher", "student", "pure_student", "methods", "alphas",
-             "spec", "job"}
+             "spec", "job", "presets", "tracks"}
+TRACK_KEYS = GRID_KEYS - {"experiment", "spec", "job", "tracks"}
+PRESET_ROLES = ("teacher", "student")
 
 
 @dataclass(frozen=True)
@@ -72,23 +76,67 @@ def load_grid(name_or_path: str, overrides: Sequence[str] = ()) -> Grid:
 
 
 def expand(raw: dict[str, Any], base: dict[str, Any]) -> tuple[RunSpec, ...]:
-    """Teachers for every (dataset, seed) first, then the students; duplicates dropped."""
-    for key in ("datasets", "seeds", "teacher", "student"):
-        if key not in raw:
+    """Teachers of every track, dataset and seed first, then the students; duplicates dropped.
+
+    Each entry of `tracks:` is a grid of its own whose keys override the top level's (one track
+    if there are none).
+    """
+    teachers, students = [], []
+    for track in raw.get("tracks") or [{}]:
+        unknown = sorted(set(track) - TRACK_KEYS)
+        if unknown:
+            raise SpecError(f"grid track has unknown key(s) {', '.join(unknown)}: use {', '.join(sorted(TRACK_KEYS))}")
+        track_teachers, track_students = expand_track({**raw, **track}, base)
+        teachers += track_teachers
+        students += track_students
+    unique = {s.key(): s for s in [*teachers, *students]}
+    return tuple(unique.values())
+
+
+def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """One pair's runs. `presets: {teacher: NAME, student: NAME}` (kd presets) give defaults under
+    `spec:` and `--set`, and the models when `teacher` / `student` are not given."""
+    presets = raw.get("presets") or {}
+    unknown = sorted(set(presets) - set(PRESET_ROLES))
+    if unknown:
+        raise SpecError(f"grid presets for {', '.join(unknown)}: presets are given for teacher and student")
+
+    def values(role: str, distilling: bool) -> dict[str, Any]:
+        preset = preset_defaults(presets[role], distilling) if role in presets else {}
+        return {**preset, **base}
+
+    teacher = raw.get("teacher") or values("teacher", False).get("model")
+    student = raw.get("student") or values("student", False).get("model")
+    for key, value in (("datasets", raw.get("datasets")), ("seeds", raw.get("seeds")), ("teacher", teacher),
+                       ("student", student)):
+        if value is None:
             raise SpecError(f"grid needs '{key}': see docs/cluster.md for the grid format")
     teachers, students = [], []
     for dataset in raw["datasets"]:
         for seed in raw["seeds"]:
-            common = {**base, "dataset": dataset, "seed": seed}
-            teachers.append(RunSpec.create(**common, model=raw["teacher"], role="teacher", method="pure"))
+            where = {"dataset": dataset, "seed": seed}
+            teachers.append(RunSpec.create(**{**values("teacher", False), **where, "model": teacher,
+                                              "role": "teacher", "method": "pure"}))
             if raw.get("pure_student", True):
-                students.append(RunSpec.create(**common, model=raw["student"], role="student", method="pure"))
+                students.append(RunSpec.create(**{**values("student", False), **where, "model": student,
+                                                  "role": "student", "method": "pure"}))
             for method in raw.get("methods") or []:
                 for alpha in raw.get("alphas") or [0.5]:
-                    students.append(RunSpec.create(**common, model=raw["student"], teacher=raw["teacher"],
-                                                   method=method, alpha=float(alpha), role="student"))
-    unique = {s.key(): s for s in [*teachers, *students]}
-    return tuple(unique.values())
+                    students.append(RunSpec.create(**{**values("student", True), **where, "model": student,
+                                                      "teacher": teacher, "method": method, "alpha": float(alpha),
+                                                      "role": "student"}))
+    return teachers, students
+
+
+def job_settings(overrides: Sequence[str]) -> JobSettings:
+    """Job settings from --set pairs alone (jobs that are not a grid's: tuning workers)."""
+    values = {}
+    for pair in overrides:
+        key, value = split_override(pair)
+        if key not in job_fields():
+            raise SpecError(f"--set {key}: not a job setting; job settings are {', '.join(job_fields())}")
+        values[key] = coerce(key, value, job_fields()[key])
+    return JobSettings.create(values)
 
 
 def split_override(pair: str) -> tuple[str, str]:

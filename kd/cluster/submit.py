@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
+from mlflow.entities import Run, RunTag
 
 from kd.cluster.grids import Grid
-from kd.cluster.planner import Item, Plan, observe, plan
+from kd.cluster.planner import SKIP_FINISHED, SKIP_RUNNING, SUBMIT, WAIT_SLOT, Item, Plan, observe, plan
 from kd.cluster.schedulers import Scheduler, get_scheduler
-from kd.cluster.templates import JobSettings, render
+from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
 from kd.spec import SpecError
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client, tracking_uri
@@ -73,8 +73,9 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
         raise SpecError("--pack must be >= 1 and --max-queued >= 0")
     sched = get_scheduler(scheduler)
     settings = grid.job.resolved()  # validates paths before anything is touched
-    client = get_client() if (store_exists() or not dry_run) else None
     with nullcontext() if dry_run else submit_lock():
+        # inside the lock: two processes creating one new sqlite store at once break its migrations
+        client = get_client() if (store_exists() or not dry_run) else None
         p = plan(grid.specs, observe(client, experiment), max_queued=max_queued, pack=pack,
                  retry_failed=retry_failed)
         mode = "dry run, nothing submitted" if dry_run else f"scheduler {scheduler}"
@@ -99,23 +100,16 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
                 run_ids.append(item.run.info.run_id)
                 client.update_run(run_ids[-1], status="SCHEDULED")  # before the job can claim it
         first = job[0].spec.name()
-        stem = f"{first}.{time.strftime('%Y%m%d-%H%M%S')}.{run_ids[0][:8]}"
-        folder = Path(settings.jobs_dir) / grid
-        folder.mkdir(parents=True, exist_ok=True)
-        script, log = folder / f"{stem}.sh", folder / f"{stem}.log"
         command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], "--device", settings.device]
-        env = {"MLFLOW_TRACKING_URI": tracking_uri(), "KD_DATA_ROOT": settings.data_root,
-               "OMP_NUM_THREADS": str(settings.ncpus)}  # torch's default oversubscribes shared nodes
         name = f"kd-{first}" + (f"+{len(job) - 1}" if len(job) > 1 else "")
-        script.write_text(render(sched.name, settings, name, command, env))
-        script.chmod(0o700)  # it may hold the store's password
-        job_id = sched.submit(script, log)
+        job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / grid, f"{first}.{run_ids[0][:8]}",
+                                       name, command)
     except BaseException:
         for run_id in created:
             client.delete_run(run_id)
         raise
     tags = {"kd.job_id": job_id, "kd.scheduler": sched.name, "kd.grid": grid, "kd.job_log": str(log),
-            "kd.submitted_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "kd.submitted_at": utc_now()}
     try:
         for run_id in run_ids:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -127,3 +121,75 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
     names = ", ".join(item.spec.name() for item in job)
     print(f"submitted {sched.name} job {job_id}: {names} (run {', '.join(run_ids)}); log {log}", flush=True)
     return job_id
+
+
+def write_and_submit(sched: Scheduler, settings: JobSettings, folder: Path, stem: str, name: str,
+                     command: list[str]) -> tuple[str, Path]:
+    """Render the job script into folder (a new file per submission) and submit it: (job id, log)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}"
+    script, log = folder / f"{stem}.sh", folder / f"{stem}.log"
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "KD_DATA_ROOT": settings.data_root,
+           "OMP_NUM_THREADS": str(settings.ncpus)}  # torch's default oversubscribes shared nodes
+    script.write_text(render(sched.name, settings, name, command, env))
+    script.chmod(0o700)  # it may hold the store's password
+    return sched.submit(script, log), log
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def submit_tune(study: str, storage: str, workers: int, scheduler: str, settings: JobSettings, *,
+                experiment: str, max_queued: int, dry_run: bool = False) -> None:
+    """K worker jobs on an existing Optuna study (`kd tune --create-only`), idempotent like grids.
+
+    Worker i's job is a tag of the study's MLflow run (`kd.worker{i}.job_id`); a worker whose
+    job is dead is submitted again (Optuna retries its lost trial); none once the run is FINISHED.
+    """
+    from kd.tune import tune_worker_command
+
+    sched, settings = get_scheduler(scheduler), settings.resolved()
+    with nullcontext() if dry_run else submit_lock():
+        client = get_client()
+        parent = study_run(client, study, experiment)
+        tags = parent.data.tags
+        jobs = {i: (tags.get(f"kd.worker{i}.scheduler"), tags.get(f"kd.worker{i}.job_id")) for i in range(workers)}
+        asked: dict[str, set[str]] = {}
+        for name, job_id in jobs.values():
+            if name and job_id:
+                asked.setdefault(name, set()).add(job_id)
+        live = {(name, job_id) for name, ids in asked.items() for job_id in get_scheduler(name).live(ids)}
+        todo = []
+        print(f"study {study} (run {parent.info.run_id}, {parent.info.status}): {workers} worker(s), "
+              f"{len(live)} live", flush=True)
+        for i, job in jobs.items():
+            if parent.info.status == "FINISHED":
+                action = SKIP_FINISHED
+            elif job in live:
+                action = f"{SKIP_RUNNING} ({job[0]} job {job[1]})"
+            elif len(todo) + len(live) < max_queued:
+                action = SUBMIT
+                todo.append(i)
+            else:
+                action = WAIT_SLOT
+            print(f"  worker {i}: {action}", flush=True)
+        for i in [] if dry_run else todo:
+            command = tune_worker_command(study, storage, i, device=settings.device, python="python")
+            job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / f"tune-{study}",
+                                           f"worker{i}", f"kd-tune-{study}-w{i}", command)
+            worker_tags = {f"kd.worker{i}.job_id": job_id, f"kd.worker{i}.scheduler": sched.name,
+                           f"kd.worker{i}.submitted_at": utc_now()}
+            client.log_batch(parent.info.run_id, tags=[RunTag(k, v) for k, v in worker_tags.items()])
+            print(f"submitted {sched.name} job {job_id}: worker {i} of study {study}; log {log}", flush=True)
+
+
+def study_run(client: MlflowClient, study: str, experiment: str) -> Run:
+    check_chars("study", study, allowed=WORD_CHARS)
+    exp = client.get_experiment_by_name(experiment)
+    query = f"tags.`kd.study` = '{study}' AND tags.`kd.tuning` = 'study'"
+    found = client.search_runs([exp.experiment_id], query) if exp else []
+    if not found:
+        raise SpecError(f"no study '{study}' in experiment '{experiment}': create it first with "
+                        f"`kd tune ... --study {study} --create-only` (docs/tuning.md)")
+    return found[0]
