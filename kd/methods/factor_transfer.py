@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from kd.methods.base import Features, Method, Shapes, register_method
 from kd.methods.features import fp32, match_spatial, unit
 
-# Paraphraser optimiser, as in RepDistiller's two-stage "init" (the student recipe's SGD).
-PRETRAIN_LR = 0.05
-PRETRAIN_MOMENTUM = 0.9
-PRETRAIN_WEIGHT_DECAY = 5e-4
+# Paraphraser optimiser. Adam rather than the authors' SGD (lr 0.1): the reconstruction target is
+# the teacher's raw last-stage features, whose scale depends on the teacher, and SGD at a fixed lr
+# diverged to NaN on some teachers here; Adam's step does not depend on that scale.
+PRETRAIN_LR = 1e-3
 
 
 @fp32
@@ -99,9 +99,7 @@ class FactorTransfer(Method):
         """Train the paraphraser to reconstruct the teacher's last stage; log its loss per epoch."""
         teacher.eval()
         params = list(self.paraphraser.parameters())
-        optimizer = torch.optim.SGD(
-            params, lr=PRETRAIN_LR, momentum=PRETRAIN_MOMENTUM, weight_decay=PRETRAIN_WEIGHT_DECAY
-        )
+        optimizer = torch.optim.Adam(params, lr=PRETRAIN_LR)
         self.paraphraser.requires_grad_(True)
         try:
             for epoch in range(1, self.ft_pretrain_epochs + 1):
