@@ -64,26 +64,7 @@ def register(sub: Any) -> None:
     w.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     w.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as for kd distill)")
     w.add_argument(*_flag("data_root"), default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    """`kd tune`: exit 0, 2 on bad input, 3 when refused, 143 after SIGTERM (the trial is queued again)."""
-    from kd.cli import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_KILLED
-    from kd.engine.trainer import Stopped
-    from kd.tracking.runs import RunRefused
-
-    try:
-        return tune(args)
-    except RunRefused as busy:
-        print(f"kd: {busy}", file=sys.stderr)
-        return EXIT_BUSY
-    except SpecError as bad:
-        print(f"kd: {bad}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Stopped as stop:
-        print(f"kd: SIGTERM: trial run marked KILLED and queued again ({stop})", file=sys.stderr)
-        return EXIT_KILLED
+    p.set_defaults(func=tune)
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -190,11 +171,10 @@ def tune_worker_command(study: str, storage: str, worker: int, *, device: str = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kd.tune ARGS` = `kd tune ARGS`."""
-    parser = argparse.ArgumentParser(prog="kd")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m kd.tune ARGS` = `kd tune ARGS` (exit 0; 2 bad input; 3 refused; 143 SIGTERM: trial queued again)."""
+    from kd.cli import main as kd_main
+
+    return kd_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -33,3 +33,12 @@ def run_kd(*args: str, env: dict[str, str] | None = None, timeout: int = 600) ->
 
 
 DIGITS_FAST = ("--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--device", "cpu")
+
+
+def mlflow_run(entry_point: str, **params: object) -> subprocess.CompletedProcess:
+    """`mlflow run . -e ENTRY -P k=v ...` with the local environment, into the experiment `kd`."""
+    pairs = [arg for k, v in params.items() for arg in ("-P", f"{k}={v}")]
+    return subprocess.run(
+        ["mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", "--experiment-name", "kd", *pairs],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from mlflow import MlflowClient
 
 from kd.models import create_model
 from kd.tracking.registry import teacher_uri
-from tests.conftest import DIGITS_FAST, ROOT, run_kd
+from tests.conftest import DIGITS_FAST, mlflow_run, run_kd
 
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce", "loss_kd")
 
@@ -25,12 +23,8 @@ def train_digits_teacher(model: str = "ResNet8") -> None:
 
 def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     train_digits_teacher()
-    done = subprocess.run(
-        ["mlflow", "run", str(ROOT), "-e", "distill", "--env-manager", "local", "--experiment-name", "kd",
-         "-P", "dataset=digits", "-P", "teacher=ResNet8", "-P", "student=ResNet8", "-P", "method=logit",
-         "-P", "alpha=0.25", "-P", "epochs=3", "-P", "batch_size=64", "-P", "device=cpu"],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
-    )
+    done = mlflow_run("distill", dataset="digits", teacher="ResNet8", student="ResNet8", method="logit",
+                      alpha=0.25, epochs=3, batch_size=64, device="cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient()
     exp = client.get_experiment_by_name("kd")

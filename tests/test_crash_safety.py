@@ -21,7 +21,7 @@ from kd.engine.trainer import TrainingDiverged
 from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
 from kd.spec import RunSpec
-from tests.conftest import ROOT, run_kd
+from tests.conftest import mlflow_run, run_kd
 
 
 def student(epochs: int = 4, train_limit: int = 640) -> tuple[str, ...]:
@@ -137,7 +137,7 @@ def test_sigterm_writes_a_usable_checkpoint_and_marks_killed(teacher, tmp_path):
     assert [s for s, _ in history(run.info.run_id, "test_acc")] == list(range(1, state["epoch"] + 1))
 
 
-def test_concurrent_same_spec_is_refused_and_mlflow_run_resumes_the_unfinished_run(teacher):
+def test_concurrent_same_spec_is_refused_and_mlflow_run_resumes_the_unfinished_run(teacher, monkeypatch):
     proc = start_kd(*LONG)
     try:
         wait_for_epoch("kd", 1)
@@ -147,13 +147,9 @@ def test_concurrent_same_spec_is_refused_and_mlflow_run_resumes_the_unfinished_r
         proc.kill()
         proc.wait()
     (run,) = runs_of("kd")
-    done = subprocess.run(
-        ["mlflow", "run", str(ROOT), "-e", "distill", "--env-manager", "local", "--experiment-name", "kd",
-         "-P", "dataset=digits", "-P", "teacher=ResNet8", "-P", "student=ResNet8", "-P", "method=logit",
-         "-P", "alpha=0.5", "-P", "epochs=60", "-P", "batch_size=64", "-P", "device=cpu", "-P", "train_limit=1400",
-         "-P", "lr=0.1"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "KD_CRASH_AT": "metrics_log:1"},
-    )
+    monkeypatch.setenv("KD_CRASH_AT", "metrics_log:1")  # resume, finish one epoch, then die
+    done = mlflow_run("distill", dataset="digits", teacher="ResNet8", student="ResNet8", method="logit",
+                      alpha=0.5, epochs=60, batch_size=64, device="cpu", train_limit=1400)
     assert "resuming run " + run.info.run_id in done.stdout, done.stderr[-2000:]
     client = MlflowClient()
     created = client.search_runs([run.info.experiment_id], f"tags.`kd.resumed_in` = '{run.info.run_id}'")
