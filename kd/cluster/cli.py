@@ -95,23 +95,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from kd.cluster.grids import load_grid
     from kd.spec import RunSpec
-    from kd.tracking.queries import format_summary, latest_runs, summarize
+    from kd.tracking.queries import NEW, SpecStatus, format_summary, latest_runs, summarize
     from kd.tracking.runs import read_config
     from kd.tracking.store import get_client
 
     client = get_client()
-    if args.grid:
-        grid = load_grid(args.grid, args.set)
-        experiment, specs = args.experiment or grid.experiment, list(grid.specs)
+    grid = load_grid(args.grid, args.set) if args.grid else None
+    experiment = args.experiment or (grid.experiment if grid else "kd")
+    exists = client.get_experiment_by_name(experiment) is not None  # status must not create it
+    if grid:
+        specs = list(grid.specs)
     else:
-        experiment = args.experiment or "kd"
-        if client.get_experiment_by_name(experiment) is None:
-            print(f"no experiment '{experiment}' in {client.tracking_uri}")
-            return 0
-        specs = [RunSpec.from_dict(read_config(client, run.info.run_id))
-                 for run in latest_runs(client, experiment).values()]
+        runs = latest_runs(client, experiment).values() if exists else []
+        specs = [RunSpec.from_dict(read_config(client, run.info.run_id)) for run in runs]
+    rows = summarize(client, specs, experiment) if exists else [SpecStatus(s, None, NEW) for s in specs]
     print(f"experiment {experiment}:")
-    print(format_summary(summarize(client, specs, experiment)))
+    print(format_summary(rows))
     return 0
 
 

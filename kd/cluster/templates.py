@@ -62,10 +62,9 @@ class JobSettings:
         unknown = sorted(set(values) - names)
         if unknown:
             raise SpecError(f"unknown job setting(s) {', '.join(unknown)}: use {', '.join(sorted(names))}")
-        if isinstance(values.get("modules"), str):
-            values = {**values, "modules": values["modules"].split(",")}
-        if isinstance(values.get("modules"), list):
-            values = {**values, "modules": tuple(values["modules"])}
+        modules = values.get("modules")
+        if isinstance(modules, (str, list)):  # YAML gives a list, or one comma-separated string
+            values = {**values, "modules": tuple(modules.split(",") if isinstance(modules, str) else modules)}
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -160,7 +159,7 @@ def render(kind: str, s: JobSettings, name: str, command: list[str], env: dict[s
         activate += ['eval "$(conda shell.bash hook)"', f"conda activate {shlex.quote(s.conda_env)}"]
     modules = []
     if s.modules:
-        modules = ["type module >/dev/null 2>&1 || . /etc/profile  # batch shells may lack `module`",
+        modules = ["type module >/dev/null 2>&1 || . /etc/profile || true  # batch shells may lack `module`",
                    "module load " + " ".join(shlex.quote(m) for m in s.modules)]
     body = load_template("job.sh.tmpl").substitute(
         modules="\n".join(modules),
