@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kd.cluster.cron import CRONTAB_ENV
 from kd.cluster.schedulers import SCHEDULERS
 from kd.spec import SpecError
 
@@ -36,8 +37,8 @@ def register(sub: Any) -> None:
     add_submit_args(p)
     p.add_argument("--every", type=int, default=30, help="minutes between rounds (default 30)")
     p.add_argument("--log", default=None, help="log file (default: cron.log in the grid's jobs folder)")
-    p.add_argument("--crontab-file", default=os.environ.get("KD_CRONTAB_FILE"),
-                   help="edit this file instead of the user's crontab (default $KD_CRONTAB_FILE)")
+    p.add_argument("--crontab-file", default=os.environ.get(CRONTAB_ENV),
+                   help=f"edit this file instead of the user's crontab (default ${CRONTAB_ENV})")
     p.set_defaults(func=cmd_cron)
 
     p = sub.add_parser("server", help="start mlflow server on PostgreSQL with a shared artifact folder")
