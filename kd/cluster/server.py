@@ -8,7 +8,6 @@ cluster user write access to the runs and the teacher registry, so that is refus
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -25,9 +24,6 @@ def server_argv(backend_store_uri: str, artifacts_destination: str, *, host: str
     if not backend_store_uri.startswith(("postgresql", "mysql", "sqlite:")):
         raise SpecError(f"--backend-store-uri {backend_store_uri}: use a database URI "
                         f"(postgresql://USER:PASSWORD@HOST:5432/DB)")
-    if backend_store_uri.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; kd installs psycopg2
-        backend_store_uri = "postgresql+psycopg2://" + backend_store_uri.removeprefix("postgresql://")
     destination = artifacts_destination
     if "://" not in destination:
         destination = str(Path(destination).expanduser().absolute())
