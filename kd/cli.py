@@ -62,6 +62,11 @@ def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()
                                      help=f"{method.name}: {meaning} (default {default})")
 
 
+def add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None,
+                        help="a recipe of the lab plan (see kd presets); explicit flags override its values")
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
                         help="MLflow experiment (default kd)")
@@ -72,11 +77,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
 
 
-def spec_from_args(args: argparse.Namespace, **fixed: Any) -> RunSpec:
+def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any) -> RunSpec:
+    """Layers, lowest first: RunSpec defaults, the command's `defaults`, `--preset`, flags, `fixed` (if not None)."""
     from kd.methods import METHODS
+    from kd.presets import with_preset
 
     values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
     values.update({k: v for k, v in fixed.items() if v is not None})
+    values = {**(defaults or {}), **with_preset(getattr(args, "preset", None), values)}
     given = {k.removeprefix("opt."): v for k, v in vars(args).items() if k.startswith("opt.") and v is not None}
     method = values.get("method") or "pure"
     if method in METHODS:
@@ -89,12 +97,12 @@ def spec_from_args(args: argparse.Namespace, **fixed: Any) -> RunSpec:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, method="pure", teacher=None, alpha=None, role=args.role or "teacher")
+    spec = spec_from_args(args, {"role": "teacher"}, method="pure")
     return train_and_report([spec], args)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, model=args.student, role="student")
+    spec = spec_from_args(args, {"teacher": "ResNet112"}, model=args.student, role="student")
     return train_and_report([spec], args)
 
 
@@ -150,6 +158,11 @@ def cmd_list(kind: str) -> int:
 
         for d in DATASETS.values():
             print(f"{d.name:14s} {d.num_classes:4d} classes  {d.channels}x{d.image_size}x{d.image_size}  {d.description}")
+    elif kind == "presets":
+        from kd.presets import PRESETS, describe
+
+        for preset in PRESETS.values():
+            print(describe(preset))
     else:
         from kd.methods import METHODS
 
@@ -172,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a teacher or a pure student (no distillation)")
     add_spec_flags(p, skip={"method", "teacher", "alpha", "teacher_weights"})
+    p.add_argument("--teacher-weights", "--teacher_weights", dest="init_weights", default=None,
+                   help="the same as --init-weights: a timm ViT-Tiny state_dict file, or 'timm' for the hub")
+    add_preset_flag(p)
     add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train a student from a registered teacher")
-    add_spec_flags(p, skip={"model", "role"})
-    p.add_argument("--student", default="ResNet56", help="student model (default ResNet56)")
+    add_spec_flags(p, skip={"model", "role", "init_weights"})
+    p.add_argument("--student", default=None, help="student model (default ResNet56)")
+    add_preset_flag(p)
     add_run_flags(p)
     p.set_defaults(func=cmd_distill)
 
@@ -198,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_analysis(sub)
     register_tune(sub)
 
-    for kind in ("models", "datasets", "methods"):
+    for kind in ("models", "datasets", "methods", "presets"):
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
     from kd.cluster.cli import register as register_cluster; register_cluster(sub)  # noqa: E702, I001
@@ -220,8 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_store_logs()
-    if getattr(args, "command", None) == "distill" and args.teacher is None:
-        args.teacher = "ResNet112"
     try:
         return args.func(args)
     except RunRefused as busy:

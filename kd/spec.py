@@ -11,11 +11,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ROLES = ("teacher", "student")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
+TIMM_HUB = "timm"  # init_weights value: timm's ViT-Tiny from the hub (or its local cache)
+# Fields added after runs existed: left out of the key while unset, so those runs keep their keys.
+KEY_OPTIONAL = ("init_weights",)
 
 
 class SpecError(ValueError):
@@ -47,12 +51,15 @@ class RunSpec:
     train_limit: int = 0  # use only the first N training images (0: all); demos and tests
     val_fraction: float = 0.0  # stratified validation split held out of training (tuning)
     teacher_weights: str | None = None  # a best.pth that overrides the registry's teacher
+    init_weights: str | None = None  # a teacher's starting weights: a timm ViT-Tiny file, or "timm" (hub)
 
     def __post_init__(self) -> None:
         if self.label_smoothing is None:
             object.__setattr__(self, "label_smoothing", 0.1 if self.method == "pure" else 0.0)
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "options", dict(sorted(self.options.items())))
+        if self.init_weights not in (None, TIMM_HUB):  # absolute: cluster jobs start in another folder
+            object.__setattr__(self, "init_weights", str(Path(self.init_weights).expanduser().absolute()))
         self._check()
 
     def _check(self) -> None:
@@ -76,6 +83,8 @@ class RunSpec:
                 raise SpecError(f"method '{self.method}' needs a teacher: pass --teacher MODEL")
             if self.role != "student":
                 raise SpecError("a distillation run is a student: drop --role teacher")
+        if self.init_weights is not None and self.role != "teacher":
+            raise SpecError("init_weights starts a teacher from pretrained weights: drop it, or pass --role teacher")
         if self.teacher is not None:
             _one_of("teacher", self.teacher, MODELS, "kd models")
         if not 0.0 <= self.alpha <= 1.0:
@@ -129,7 +138,8 @@ class RunSpec:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = {k: v for k, v in self.to_dict().items() if not (k in KEY_OPTIONAL and v is None)}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def key(self) -> str:
         """Short stable hash of the canonical JSON: the run's identity in MLflow (`kd.key`)."""

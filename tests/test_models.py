@@ -16,6 +16,7 @@ WIDTHS = {
     "ResNet18": (64, 128, 256, 512),
     "ResNet8w": (64, 128, 256, 512),
     "ViTTiny": (192, 192, 192),
+    "ViTTiny224": (192, 192, 192),
     "ViTStudent": (192, 192, 192),
 }
 
@@ -36,8 +37,8 @@ def test_output_shapes(name: str, channels: int, size: int) -> None:
         *feats, logits = model(torch.randn(2, channels, size, size))
     assert logits.shape == (2, 10)
     assert [f.shape[1] for f in feats] == list(WIDTHS[name])
-    if name.startswith("ViT"):  # one token per patch: an 8x8 grid at either size
-        expected = [(8, 8)] * 3
+    if name.startswith("ViT"):  # one token per patch: an 8x8 grid at either size (timm's 14x14 at 224)
+        expected = [(14, 14) if name == "ViTTiny224" else (8, 8)] * 3
     else:  # stride-1 stem, then every later stage halves the map
         expected = [(size >> i, size >> i) for i in range(len(feats))]
     assert [tuple(f.shape[2:]) for f in feats] == expected
@@ -56,6 +57,7 @@ def test_output_shapes(name: str, channels: int, size: int) -> None:
         ("ResNet8w", 4_903_242),
         ("ViTTiny", 5_362_762),  # 5.7M in timm at 224 with 1000 classes; fewer tokens and classes here
         ("ViTStudent", 2_693_578),
+        ("ViTTiny224", 5_526_346),  # timm's vit_tiny_patch16_224 (5,717,416) less 990 head classes x 193
     ],
 )
 def test_parameter_counts_cifar10(name: str, params: int) -> None:

@@ -1,7 +1,7 @@
 """One training job: RunSpecs in, finished MLflow runs out.
 
-CLI / MLproject params -> RunSpec -> data and teacher resolved (before any run is touched, so
-bad input leaves nothing half-written) -> find-or-create each spec's run (resume if unfinished)
+CLI / MLproject params -> RunSpec -> data, teacher, models and methods resolved (before any run is
+touched, so bad input leaves nothing half-written) -> find-or-create each spec's run (resume if unfinished)
 -> Trainer -> best.pth, metrics.json, FINISHED, and for teachers the registry alias.
 """
 
@@ -30,8 +30,9 @@ from kd.engine.trainer import (
     build_optimizer,
     build_scheduler,
 )
-from kd.methods import build_method
+from kd.methods import Method, build_method
 from kd.models import create_model
+from kd.models.vit import start_weights
 from kd.spec import RunSpec, SpecError
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker
@@ -152,14 +153,18 @@ def run_specs(
         teacher, source = (None, None)
         if first.method != "pure" or first.teacher:
             teacher, source = load_teacher(client, first, data, dev, tmp)
+        parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
                     for s in specs]
         students: list[Student] = []
         try:
-            for spec, tracker in zip(specs, trackers, strict=True):
+            for spec, tracker, (model, method, init_source) in zip(specs, trackers, parts, strict=True):
                 if source:
                     tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
-                students.append(make_student(spec, tracker, data, amp, tmp))
+                if init_source:
+                    print(f"[{spec.name()}] {init_source}", flush=True)
+                    tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
+                students.append(make_student(spec, tracker, model, method, amp, tmp))
             for student in students:
                 pretrain_once(student, teacher, data)
             with sigterm_flag() as should_stop, system_metrics(trackers):
@@ -180,16 +185,27 @@ def run_specs(
         return [finish(s, tmp) for s in students]
 
 
-def make_student(spec: RunSpec, tracker: RunTracker, data: DeviceData, amp: Precision, tmp: Path) -> Student:
-    device = amp.device
+def build_parts(spec: RunSpec, data: DeviceData, device: torch.device) -> tuple[torch.nn.Module, Method, str | None]:
+    """The run's model (a teacher with its starting weights), its method, and where the weights came from.
+
+    Built before the run is created, so a method that cannot serve this model pair, or init weights
+    that do not fit, stop with a one-line SpecError and leave no run behind.
+    """
     model = seeded_build(spec.seed, lambda: create_model(spec.model, data.num_classes, data.in_channels,
-                                                         data.image_size)).to(device)
+                                                         data.image_size))
+    init_source = start_weights(model, spec.init_weights) if spec.role == "teacher" else None
+    model = model.to(device)
     student_shapes = output_shapes(model, data)
     teacher_shapes = None
     if spec.teacher:
         probe = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size).to(device)
         teacher_shapes = output_shapes(probe, data)
     method = seeded_build(spec.seed + 1, lambda: build_method(spec, student_shapes, teacher_shapes)).to(device)
+    return model, method, init_source
+
+
+def make_student(spec: RunSpec, tracker: RunTracker, model: torch.nn.Module, method: Method, amp: Precision,
+                 tmp: Path) -> Student:
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = build_optimizer(spec, params)
     student = Student(spec, tracker, CheckpointStore(tracker, tmp), model, method, optimizer,

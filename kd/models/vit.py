@@ -3,17 +3,24 @@
 `forward` returns `[tap1, tap2, tap3, logits]`: the outputs of the blocks at 1/3, 2/3 and all of the
 depth, patch tokens only (class token dropped) laid out as an (N, embed_dim, H/patch, W/patch) grid,
 so the feature methods (FitNets, attention transfer, NST) treat them like CNN stage maps. Depth and
-width are options of `build_vit`; the registry's constructors are fixed presets of it.
+width are options of `build_vit`; the registry's constructors are fixed presets of it. Inputs of
+another size than the model was built for are resized to it, which is how `ViTTiny224` (timm's
+patch-16 layout, so timm's pretrained weights fit) takes 32x32 CIFAR images.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from kd.models.registry import register_model
+from kd.spec import TIMM_HUB, SpecError
 
 NO_WEIGHTS = "no pretrained weights: training ViT-Tiny from scratch (pass --teacher-weights FILE)"
 TIMM_VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -23,6 +30,9 @@ class TappedViT(VisionTransformer):
     """timm's VisionTransformer (same state_dict keys, so timm checkpoints load) returning feature taps."""
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        size = tuple(self.patch_embed.img_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         depth = len(self.blocks)
         final, taps = self.forward_intermediates(x, indices=[depth * k // 3 - 1 for k in (1, 2, 3)])
         return [*taps, self.forward_head(final)]
@@ -61,28 +71,75 @@ def vit_student(num_classes: int, in_channels: int = 3, image_size: int = 32) ->
     return build_vit(num_classes, in_channels, image_size, depth=6, embed_dim=192, heads=3)
 
 
+@register_model("ViTTiny224", "ViT-Tiny in timm's layout (patch 16 at 224, inputs resized): takes timm's weights")
+def vit_tiny_224(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    return build_vit(num_classes, in_channels, 224, depth=12, embed_dim=192, heads=3, patch_size=16)
+
+
 def load_pretrained_vit_tiny(model: VisionTransformer, path: str) -> None:
-    """Load a local timm ViT-Tiny state_dict into `model` (nothing is downloaded).
+    """Load a local timm ViT-Tiny state_dict (or a kd best.pth of one) into `model`; nothing is downloaded."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_vit_tiny_state(model, state.get("weights", state), path)
+
+
+def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source: str) -> None:
+    """Load a timm ViT-Tiny state_dict into `model`; errors are one-line SpecErrors naming `source`.
 
     The position embeddings are resampled to the model's token grid. The patch embedding cannot be
-    resampled, so the model must use the checkpoint's patch size: for timm's patch-16 checkpoints
-    (trained at 224) build `build_vit(..., image_size=224, patch_size=16)` and resize inputs to 224.
-    A head with another number of classes is not loaded (the model keeps its fresh head).
+    resampled, so the model must use the checkpoint's patch size: timm's patch-16 checkpoints (trained
+    at 224) fit `ViTTiny224`, which resizes its inputs to 224. A head with another number of classes is
+    not loaded (the model keeps its fresh head).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
+    if "patch_embed.proj.weight" not in state:
+        raise SpecError(f"{source} is not a ViT state_dict (no patch_embed.proj.weight): pass a timm ViT-Tiny one")
     theirs, ours = state["patch_embed.proj.weight"].shape, own["patch_embed.proj.weight"].shape
     if theirs != ours:
-        raise ValueError(
-            f"{path}: patch embedding {tuple(theirs)} does not fit the model's {tuple(ours)}: build the model "
-            f"with patch_size={theirs[-1]}, in_channels={theirs[1]} (patch 16: image_size=224, resize inputs)"
+        raise SpecError(
+            f"{source}: patch embedding {tuple(theirs)} does not fit the model's {tuple(ours)}: build the model "
+            f"with patch_size={theirs[-1]}, in_channels={theirs[1]} (patch 16 at 224: --model ViTTiny224)"
         )
+    state = dict(state)
     state["pos_embed"] = resample_abs_pos_embed(
         state["pos_embed"], list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
     )
     if state["head.weight"].shape != own["head.weight"].shape:
         state["head.weight"], state["head.bias"] = own["head.weight"], own["head.bias"]
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise SpecError(f"{source} does not fit this ViT (depth or width differ): {detail}") from None
+
+
+def timm_vit_tiny_state() -> dict[str, Tensor]:
+    """timm's pretrained ViT-Tiny from the Hugging Face hub, or its local cache when offline."""
+    import timm
+
+    try:
+        return timm.create_model(TIMM_VIT_TINY, pretrained=True).state_dict()
+    except Exception as err:  # no network and no cache: the hub client raises several kinds
+        raise SpecError(
+            f"cannot fetch timm's {TIMM_VIT_TINY} ({type(err).__name__}): on an offline machine pass "
+            f"--teacher-weights FILE, saved where the hub is reachable (docs/lab.md)"
+        ) from None
+
+
+def start_weights(model: nn.Module, init_weights: str | None) -> str | None:
+    """Load a teacher's starting weights; returns the line saying where they come from (None: not a ViT)."""
+    if not isinstance(model, TappedViT):
+        if init_weights:
+            raise SpecError(f"{type(model).__name__} is not a ViT: init weights are timm ViT-Tiny checkpoints "
+                            f"(drop --teacher-weights {init_weights}, or train ViTTiny224)")
+        return None
+    if init_weights == TIMM_HUB:
+        load_vit_tiny_state(model, timm_vit_tiny_state(), TIMM_VIT_TINY)
+        return pretrained_source(None, online=True)
+    if init_weights:
+        if not Path(init_weights).is_file():
+            raise SpecError(f"--teacher-weights {init_weights} does not exist: pass a timm ViT-Tiny state_dict file")
+        load_pretrained_vit_tiny(model, init_weights)
+    return pretrained_source(init_weights, online=False)
 
 
 def pretrained_source(path: str | None, online: bool) -> str:
@@ -90,5 +147,5 @@ def pretrained_source(path: str | None, online: bool) -> str:
     if path:
         return f"pretrained weights: {path}"
     if online:
-        return f"pretrained weights: timm hub {TIMM_VIT_TINY} (patch 16: image_size=224, resize inputs)"
+        return f"pretrained weights: timm hub {TIMM_VIT_TINY} (patch 16 at 224: ViTTiny224)"
     return NO_WEIGHTS
