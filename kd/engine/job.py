@@ -60,8 +60,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def check_pack(specs: list[RunSpec]) -> None:
+    """Packed students share one batch stream and at most one teacher (pure students ignore it)."""
     for name in PACK_FIELDS:
         values = {getattr(s, name) for s in specs}
+        if name in ("teacher", "teacher_weights"):
+            values.discard(None)
         if len(values) > 1:
             raise SpecError(f"packed students must share {name} (got {sorted(map(str, values))}): split the pack")
 
@@ -151,15 +154,16 @@ def run_specs(
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
                           first.train_limit)
         teacher, source = (None, None)
-        if first.method != "pure" or first.teacher:
-            teacher, source = load_teacher(client, first, data, dev, tmp)
+        taught = [s for s in specs if s.teacher or s.teacher_weights]
+        if taught:
+            teacher, source = load_teacher(client, taught[0], data, dev, tmp)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
                     for s in specs]
         students: list[Student] = []
         try:
             for spec, tracker, (model, method, init_source) in zip(specs, trackers, parts, strict=True):
-                if source:
+                if spec in taught:
                     tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
