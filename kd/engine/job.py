@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
+from kd.engine import fast
 from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
 from kd.engine.trainer import (
     EpochCallback,
@@ -161,20 +162,23 @@ def run_specs(
         trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
                     for s in specs]
         students: list[Student] = []
+        modes = fast.step_modes(dev, specs)
         try:
-            for spec, tracker, (model, method, init_source) in zip(specs, trackers, parts, strict=True):
+            for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:
                     tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
-                students.append(make_student(spec, tracker, model, method, amp, tmp))
+                students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
+                fast.record_mode(students[-1], mode)
             for student in students:
                 pretrain_once(student, teacher, data)
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
-                    Trainer(students, data, teacher, amp, should_stop, progress, on_epoch).run()
+                    trainer = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
+                    trainer(students, data, teacher, amp, should_stop, progress, on_epoch).run()
                 finally:
                     for stop in stops:
                         stop.set()
@@ -208,12 +212,17 @@ def build_parts(spec: RunSpec, data: DeviceData, device: torch.device) -> tuple[
     return model, method, init_source
 
 
-def make_student(spec: RunSpec, tracker: RunTracker, model: torch.nn.Module, method: Method, amp: Precision,
-                 tmp: Path) -> Student:
+def new_student(spec: RunSpec, model: torch.nn.Module, method: Method, amp: Precision, graphed: bool = False,
+                tracker: RunTracker | None = None, checkpoints: CheckpointStore | None = None) -> Student:
+    """A student at its start, its optimiser fit for its step mode (`kd bench`'s have no run)."""
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    optimizer = build_optimizer(spec, params)
-    student = Student(spec, tracker, CheckpointStore(tracker, tmp), model, method, optimizer,
-                      build_scheduler(spec, optimizer), amp.scaler())
+    optimizer = build_optimizer(spec, params, graphed)
+    return Student(spec, tracker, checkpoints, model, method, optimizer, build_scheduler(spec, optimizer), amp.scaler())
+
+
+def make_student(spec: RunSpec, tracker: RunTracker, model: torch.nn.Module, method: Method, amp: Precision,
+                 tmp: Path, graphed: bool = False) -> Student:
+    student = new_student(spec, model, method, amp, graphed, tracker, CheckpointStore(tracker, tmp))
     state = student.checkpoints.load() if tracker.resumed else None
     if state is not None:
         student.restore(state)

@@ -36,6 +36,16 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or a run of skipped optimiser steps: the run stops as FAILED."""
 
 
+NON_FINITE = "non-finite loss"
+SKIPPED = f"{MAX_SKIPPED_STEPS} optimiser steps in a row skipped (non-finite gradients)"
+
+
+def diverged(what: str, method: str, epoch: int, step: int, values: dict[str, float]) -> TrainingDiverged:
+    """The guard's one message (eager or graphed): what, in which method, epoch and 1-based step."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    return TrainingDiverged(f"{what} in method '{method}' at epoch {epoch}, step {step}: {shown}")
+
+
 EpochCallback = Callable[["Student", int, dict[str, float]], None]
 
 
@@ -49,6 +59,7 @@ class Precision:
 
     device: torch.device
     dtype: torch.dtype | None
+    cache: bool = True  # autocast's weight-cast cache; off inside a captured CUDA graph (PyTorch's advice)
 
     @classmethod
     def for_device(cls, device: torch.device, choice: str = "auto") -> Precision:
@@ -62,7 +73,7 @@ class Precision:
     def autocast(self) -> Any:
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.cache)
 
     def scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -116,6 +127,8 @@ class Student:
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # how to step (fused for a CUDA graph) is this process's choice
+            group.update({k: v for k, v in self.optimizer.defaults.items() if k in ("foreach", "fused", "capturable")})
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -131,10 +144,21 @@ class Student:
                 self.tracker.log_epoch(epoch, {k: v[epoch - 1] for k, v in self.history.items()})
 
 
-def build_optimizer(spec: RunSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(spec: RunSpec, params: list[nn.Parameter], graphed: bool = False) -> torch.optim.Optimizer:
+    """`graphed`: a CUDA graph will capture the step, which needs one without host syncs and with
+    a tensor learning rate: fused SGD, capturable fused AdamW (on the GPU; the CPU has no graphs)."""
+    gpu = graphed and params[0].is_cuda
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, capturable=gpu, fused=gpu or None)
+    sgd = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                          fused=gpu or None)
+    if gpu and spec.momentum:
+        # Fused SGD makes its momentum with empty_like on the first step and leaves it uninitialised
+        # when a GradScaler skips that step (fp16 overflow): start from zeros, which the first step
+        # turns into exactly the gradient, as the eager SGD's clone does.
+        for p in params:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return sgd
 
 
 def build_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -158,6 +182,26 @@ def evaluate(model: nn.Module, data: DeviceData, split: Split, precision: Precis
         correct += (logits.argmax(1) == y).sum()
         crash_point("eval")
     return loss.item() / len(split), 100.0 * correct.item() / len(split)
+
+
+def teacher_forward(teacher: nn.Module | None, x: Tensor, precision: Precision) -> list[Tensor] | None:
+    if teacher is None:
+        return None
+    with torch.no_grad(), precision.autocast():
+        return teacher(x)
+
+
+def student_losses(
+    s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, precision: Precision
+) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+    """A student's outputs, its loss, and what is logged of it: `train_loss`, `loss_ce`, the method's terms."""
+    spec = s.spec
+    with precision.autocast():
+        out = s.model(x)
+        ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
+        terms = s.method(out, teacher_out, y, epoch)
+        loss = (1 - spec.alpha) * ce + spec.alpha * sum(terms.values()) if terms else ce
+    return out, loss, {"train_loss": loss, "loss_ce": ce, **terms}
 
 
 class Trainer:
@@ -202,33 +246,31 @@ class Trainer:
 
             batches = tqdm(batches, total=steps - start, desc=f"epoch {epoch}/{self.spec.epochs}", leave=False)
         for b, (x, y) in enumerate(batches, start):
-            stepping = [s for s in active if s.batch <= b]
-            teacher_out = None
-            if self.teacher is not None:
-                with torch.no_grad(), self.precision.autocast():
-                    teacher_out = self.teacher(x)
-            for s in stepping:
-                self.step(s, x, y, teacher_out, epoch, b)
-                s.batch = b + 1
-                crash_point("step")
+            self.train_batch([s for s in active if s.batch <= b], x, y, epoch, b)
             if self.should_stop() and b + 1 < steps:
+                self.settle()
                 for s in active:
                     s.checkpoints.save(s.state())
                 raise Stopped(f"stopped at epoch {epoch}, batch {b + 1}/{steps}")
+        self.settle()
+
+    def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int) -> None:
+        """One batch: the teacher once, then each student's step."""
+        teacher_out = teacher_forward(self.teacher, x, self.precision)
+        for s in stepping:
+            self.step(s, x, y, teacher_out, epoch, b)
+            s.batch = b + 1
+            crash_point("step")
+
+    def settle(self) -> None:
+        """Bring every student's host-side sums up to date before they are read (the graphed
+        trainer keeps them on the device; the eager step has already added them)."""
 
     def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int) -> None:
-        spec = s.spec
-        with self.precision.autocast():
-            out = s.model(x)
-            ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
-            terms = s.method(out, teacher_out, y, epoch)
-            loss = (1 - spec.alpha) * ce + spec.alpha * sum(terms.values()) if terms else ce
-        values = {"train_loss": loss.item(), "loss_ce": ce.item(), **{k: t.item() for k, t in terms.items()}}
+        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.precision)
+        values = {k: t.item() for k, t in logged.items()}
         if not all(math.isfinite(v) for v in values.values()):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise TrainingDiverged(
-                f"non-finite loss in method '{spec.method}' at epoch {epoch}, step {b + 1}: {shown}"
-            )
+            raise diverged(NON_FINITE, s.spec.method, epoch, b + 1, values)
         s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is None:
             loss.backward()
@@ -249,11 +291,7 @@ class Trainer:
         s.scaler.update()
         s.skipped_in_a_row = s.skipped_in_a_row + 1 if s.scaler.get_scale() < scale else 0
         if s.skipped_in_a_row >= MAX_SKIPPED_STEPS:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise TrainingDiverged(
-                f"{MAX_SKIPPED_STEPS} optimiser steps in a row skipped (non-finite gradients) in method "
-                f"'{s.spec.method}' at epoch {epoch}, step {b + 1}: {shown}"
-            )
+            raise diverged(SKIPPED, s.spec.method, epoch, b + 1, values)
 
     def finish_epoch(self, s: Student, epoch: int, seconds: float) -> None:
         """Evaluate, update best, commit the checkpoint, then log the epoch's metrics."""
