@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
     from kd.cluster.cli import register as register_cluster; register_cluster(sub)  # noqa: E702, I001
+    from kd.bench import register as register_bench; register_bench(sub)  # noqa: E702, I001
     return parser
 
 
