@@ -210,16 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from kd.analysis.cli import register as register_analysis
+    from kd.bench import register as register_bench
+    from kd.cluster.cli import register as register_cluster
     from kd.tune import register as register_tune
 
-    register_analysis(sub)
-    register_tune(sub)
+    for register in (register_analysis, register_tune, register_cluster, register_bench):
+        register(sub)
 
     for kind in ("models", "datasets", "methods", "presets"):
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
-    from kd.cluster.cli import register as register_cluster; register_cluster(sub)  # noqa: E702, I001
-    from kd.bench import register as register_bench; register_bench(sub)  # noqa: E702, I001
     return parser
 
 
