@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from kd.data.base import ImageData
 from kd.data.loader import DeviceData
-from kd.engine import fast
+from kd.engine import compiled, fast
 from kd.engine.job import PRECISIONS, build_parts, new_student, pick_device, seeded_build
 from kd.engine.trainer import Precision, Student, Trainer
 from kd.models import create_model
@@ -152,15 +152,17 @@ def reference(args: argparse.Namespace, images: ImageData, data: DeviceData, dev
 
 
 def engine(args: argparse.Namespace, data: DeviceData, device: torch.device, n: int,
-           deterministic: bool | None) -> dict[str, Any]:
-    """The suite's step on resident data: graphed where it applies, as `kd job` would train the pack."""
+           deterministic: bool | None, compile: bool = False) -> dict[str, Any]:
+    """The suite's step on resident data: graphed where it applies, as `kd job` would train the pack
+    (`compile`: with `kd job --compile`'s fused kernels; their compilation happens in the warm-up)."""
     if deterministic is not None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
     precision = Precision.for_device(device, args.precision)
     modes = fast.step_modes(device, specs_for(args, n))
     students, teacher = build(args, data, device, n, precision, graphed=fast.GRAPH in modes)
     trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
-    trainer = trainer_class(students, data, teacher, precision, progress=False)
+    forwards = compiled.CompiledForwards(compile)
+    trainer = trainer_class(students, data, teacher, precision, progress=False, forwards=forwards)
     batches = endless(data, args.batch_size)
 
     def step() -> None:
@@ -172,9 +174,10 @@ def engine(args: argparse.Namespace, data: DeviceData, device: torch.device, n: 
     mode = getattr(trainer, "failure", None) or modes[0]
     dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
     name = "engine solo" if n == 1 else f"engine packed x{n}"
-    return {"pipeline": "solo" if n == 1 else "packed", "label": f"{name}: resident data, {dtype}, {mode}",
+    fused = ", compiled" if forwards.state == compiled.ON else ""
+    return {"pipeline": "solo" if n == 1 else "packed", "label": f"{name}: resident data, {dtype}, {mode}{fused}",
             "students": n, "cudnn_deterministic": deterministic, "precision": dtype, "step_mode": mode,
-            "images_per_s": rate}
+            "compile": forwards.state, "images_per_s": rate}
 
 
 def endless(data: DeviceData, batch_size: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
@@ -188,9 +191,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     images = synthetic_cifar(args.images)
     data = DeviceData(images, DATASET, device, seed=0)
     results = [reference(args, images, data, device)]
-    for deterministic in (True, False) if device.type == "cuda" else (None,):
-        for n in dict.fromkeys((1, args.students)):
-            results.append(engine(args, data, device, n, deterministic))
+    for compile in (False, True) if args.compile else (False,):
+        for deterministic in (True, False) if device.type == "cuda" else (None,):
+            for n in dict.fromkeys((1, args.students)):
+                results.append(engine(args, data, device, n, deterministic, compile))
     for r in results:
         r["images_per_s_total"] = r["images_per_s"] * r["students"]
         r["ratio"] = r["images_per_s"] / results[0]["images_per_s"]
@@ -257,6 +261,8 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default 8 on a GPU, 2 on the CPU)")
     p.add_argument("--precision", default="auto", help="the engine's: auto (bf16 / fp16 on GPUs, fp32 on the CPU) | "
                                                       "fp32 | bf16 | fp16; the reference is fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the engine with torch.compile's fused kernels (as kd job --compile)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)
 

@@ -73,6 +73,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--precision", default="auto",
                         help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
 
@@ -117,7 +119,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     experiment = attached_experiment(attach) if attach else args.experiment
     try:
         outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
-                             force=args.force, attach_run_id=attach)
+                             compile=args.compile, force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
         return 0

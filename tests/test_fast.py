@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from kd.data import load_dataset
 from kd.data.augment import crop_flip, draw_crop_flip
 from kd.data.loader import DeviceData
-from kd.engine import fast
+from kd.engine import compiled, fast
 from kd.engine.job import build_parts, new_student, run_specs
 from kd.engine.trainer import (
     MAX_SKIPPED_STEPS,
@@ -151,19 +151,29 @@ def test_a_failed_capture_trains_eagerly_and_says_why(teacher_weights, eager_pac
         "eager: capture failed: RuntimeError: operation not permitted when stream is capturing"] * 3
 
 
-def test_capture_fallback_unit(teacher_weights):
-    """GraphedTrainer.capture when capturing raises: False, eager from then on, the batch still trained
-    exactly once (parameters equal a plain Trainer's after the same batches)."""
+def unit_parts(teacher_weights: str, n: int):
+    """A logit pack of `n` identical fresh students on digits (CPU), their teacher and precision."""
     spec = kd_spec(teacher_weights, "logit")
     data = DeviceData(load_dataset("digits"), "digits", torch.device("cpu"), spec.seed, train_limit=spec.train_limit)
     amp = Precision.for_device(torch.device("cpu"))
     teacher = create_model("ResNet8", 10, 1, 8).eval().requires_grad_(False)
-
-    def student():
+    students = []
+    for _ in range(n):
         model, method, _ = build_parts(spec, data, torch.device("cpu"))
-        return new_student(spec, model, method, amp, graphed=True)
+        students.append(new_student(spec, model, method, amp, graphed=True))
+    return spec, data, amp, teacher, students
 
-    failing, plain = student(), student()
+
+def assert_same_training(a, b) -> None:
+    assert a.batch == b.batch and dict(a.sums) == dict(b.sums)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values(),
+                                                 strict=True))
+
+
+def test_capture_fallback_unit(teacher_weights):
+    """GraphedTrainer.capture when capturing raises: False, eager from then on, the batch still trained
+    exactly once (parameters equal a plain Trainer's after the same batches)."""
+    spec, data, amp, teacher, (failing, plain) = unit_parts(teacher_weights, 2)
     graphed = fast.GraphedTrainer([failing], data, teacher, amp, progress=False, graphs=FailingCapture())
     eager = Trainer([plain], data, teacher, amp, progress=False)
     batches = list(data.train_batches(1, spec.batch_size))[: fast.WARMUP_STEPS + 2]
@@ -173,8 +183,54 @@ def test_capture_fallback_unit(teacher_weights):
     graphed.settle()
     assert graphed.failure == "eager: capture failed: RuntimeError: operation not permitted when stream is capturing"
     assert graphed.replay is None and failing.batch == plain.batch == len(batches)
-    assert all(torch.equal(p, q) for p, q in zip(failing.model.parameters(), plain.model.parameters(), strict=True))
-    assert dict(failing.sums) == dict(plain.sums)
+    assert_same_training(failing, plain)
+
+
+def no_cxx_compiler(graph_module, example_inputs):
+    """A torch.compile backend that fails as inductor does on a machine without a C++ compiler."""
+    raise RuntimeError("no C++ compiler found")
+
+
+@pytest.mark.parametrize(("backend", "state"), [
+    ("eager", compiled.ON),
+    (no_cxx_compiler, "failed, trained uncompiled: BackendCompilerFailed: backend='no_cxx_compiler' raised: "
+                      "RuntimeError: no C++ compiler found"),
+])
+def test_compiled_forwards_leave_no_trace_and_a_failing_compiler_trains_uncompiled(teacher_weights, backend, state):
+    """Dynamo with its `eager` backend computes exactly what the modules do, so a compiled epoch is
+    bit-identical to a plain one only if the compile trial put back BatchNorm's statistics, the
+    gradients and the RNG. A compiler that fails does so in the trial, before any step: the run
+    trains uncompiled, bit-identically, and its tag says why."""
+    spec, data, amp, teacher, (fused, plain) = unit_parts(teacher_weights, 2)
+    forwards = compiled.CompiledForwards(True, backend=backend)
+    with_compile = Trainer([fused], data, teacher, amp, progress=False, forwards=forwards)
+    without = Trainer([plain], data, teacher, amp, progress=False)
+    for b, (x, y) in enumerate(data.train_batches(1, spec.batch_size)):  # the short last batch is plain
+        with_compile.train_batch([fused], x, y, 1, b)
+        without.train_batch([plain], x, y, 1, b)
+    assert forwards.state == state and bool(forwards.compiled) == (state == compiled.ON)
+    assert_same_training(fused, plain)
+
+
+def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack, as_on_a_gpu):
+    """`--compile` with inductor (C++ kernels on the CPU), solo on the eager Trainer and as a graphed
+    pack: fused kernels round differently, so the metrics equal the eager runs' to float tolerance."""
+    solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", device="cpu", compile=True,
+                     progress=False)
+    as_on_a_gpu(Uncaptured())
+    packed = run_specs(pack(teacher_weights)[:2], experiment="compiled-graphed", device="cpu", compile=True,
+                       progress=False)
+    for outcome, want in [(solo[0], eager_pack[1]), (packed[0], eager_pack[0]), (packed[1], eager_pack[1])]:
+        got = histories(outcome.run_id)
+        assert got.keys() == want.keys()
+        for key, history in want.items():
+            assert [s for s, _ in got[key]] == [s for s, _ in history]
+            # two epochs drift losses by about 1e-3 relative; accuracies in percent, 1.0 ~ 3 digits images
+            close = pytest.approx([v for _, v in history], abs=1.0) if key.endswith("_acc") else \
+                pytest.approx([v for _, v in history], rel=3e-3)
+            assert [v for _, v in got[key]] == close, key
+        assert MlflowClient().get_run(outcome.run_id).data.tags["kd.compile"] == compiled.ON
+    assert [tag(o.run_id) for o in packed] == [fast.GRAPH] * 2
 
 
 class PlantedNaN(Method):
@@ -258,10 +314,11 @@ class CountedCudaGraphs(fast.CudaGraphs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): the real capture")
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_cuda_graphed_pack_matches_eager(precision):
-    """The real thing: one graph for a pack (own streams, channels_last, fused SGD, fp16 scaler),
-    DKD re-captured, Tucker eager beside it, the short batch eager; losses close to the eager step."""
+@pytest.mark.parametrize(("precision", "compile"), [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_cuda_graphed_pack_matches_eager(precision, compile):
+    """The real thing: one graph for a pack (own streams, channels_last, fused SGD, fp16 scaler,
+    inductor's kernels with --compile), DKD re-captured, Tucker eager beside it, the short batch
+    eager; losses close to the eager step."""
     from kd.bench import synthetic_cifar
 
     device = torch.device("cuda")
@@ -278,7 +335,9 @@ def test_cuda_graphed_pack_matches_eager(precision):
         teacher = create_model("ResNet20", 100).to(device).eval().requires_grad_(False)
         teacher.load_state_dict(teacher_weights)
         graphs = CountedCudaGraphs()
-        trainer = (fast.GraphedTrainer(students, data, teacher, amp, progress=False, graphs=graphs) if graphed
+        forwards = compiled.CompiledForwards(compile and graphed)
+        trainer = (fast.GraphedTrainer(students, data, teacher, amp, progress=False, graphs=graphs,
+                                       forwards=forwards) if graphed
                    else Trainer(students, data, teacher, amp, progress=False))
         for epoch in (1, 2):
             trainer.train_epoch(epoch, students)
@@ -288,5 +347,6 @@ def test_cuda_graphed_pack_matches_eager(precision):
                 s.sums.clear()
                 s.batch = 0
         if graphed:
-            assert trainer.failure is None and graphs.captures == 2
+            assert trainer.failure is None and graphs.captures == 2 and forwards.state == (
+                compiled.ON if compile else compiled.OFF)
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)

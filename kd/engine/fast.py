@@ -78,11 +78,6 @@ def step_modes(device: torch.device, specs: list[RunSpec]) -> list[str]:
             if s.method in NOT_CAPTURABLE else GRAPH for s in specs]
 
 
-def record_mode(s: Student, mode: str) -> None:
-    if s.tracker is not None:  # the bench's students have no run
-        s.tracker.client.set_tag(s.tracker.run_id, "kd.step_mode", mode)
-
-
 class Graphs(Protocol):
     """How a step is warmed up and captured: CudaGraphs on the GPU; tests stand in a fake."""
 
@@ -233,6 +228,7 @@ class GraphedTrainer(Trainer):
         static_x.copy_(x)
         static_y.copy_(y)
         static_step.fill_(b + 1)
+        self.full_batch_forwards(static_x, static_y, self.capture_precision)  # compiled before warm-up, if asked
         if self.warmups_left:
             self.warmups_left -= 1
             with self.graphs.warmup(), self.tensor_lrs(graphed):
@@ -269,9 +265,10 @@ class GraphedTrainer(Trainer):
     def whole_step(self, graphed: list[Student], epoch: int) -> list[Tensor] | None:
         """What the graph captures: the teacher once, then each student's full step (no host reads)."""
         x, y, step = self.static
-        teacher_out = teacher_forward(self.teacher, x, self.capture_precision)
+        teacher_out = teacher_forward(self.forwards(self.teacher), x, self.capture_precision)
         for s in self.side_by_side(graphed):
-            out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.capture_precision)
+            out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.capture_precision,
+                                               self.forwards(s.model))
             s.optimizer.zero_grad(set_to_none=True)
             if s.scaler is None:
                 loss.backward()
@@ -365,6 +362,6 @@ class GraphedTrainer(Trainer):
             s.optimizer.zero_grad(set_to_none=True)
             if s.scaler is not None:
                 s.scaler._per_optimizer_states.clear()  # what update() resets; a capture may stop midway
-            record_mode(s, self.failure)
+            s.tag("kd.step_mode", self.failure)
         self.settle()
         print(f"kd: CUDA graph capture failed, training eagerly: {reason}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
-from kd.engine import fast
+from kd.engine import compiled, fast
 from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
 from kd.engine.trainer import (
     EpochCallback,
@@ -130,6 +130,7 @@ def run_specs(
     experiment: str = DEFAULT_EXPERIMENT,
     device: str = "auto",
     precision: str = "auto",
+    compile: bool = False,
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
@@ -141,6 +142,7 @@ def run_specs(
     `extra_tags` go on newly created runs (e.g. `mlflow.parentRunId` for tuning trials);
     `on_epoch(student, epoch, metrics)` runs after each logged epoch and may raise to stop
     (Optuna's pruning), which ends the runs as FAILED with the exception as `kd.error`.
+    `compile`: fuse the models' kernels with torch.compile (`kd/engine/compiled.py`).
     """
     check_pack(specs)
     first = specs[0]
@@ -171,14 +173,16 @@ def run_specs(
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
                 students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
-                fast.record_mode(students[-1], mode)
+                students[-1].tag("kd.step_mode", mode)
+                students[-1].tag("kd.compile", compiled.ON if compile else compiled.OFF)
             for student in students:
                 pretrain_once(student, teacher, data)
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
                     trainer = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
-                    trainer(students, data, teacher, amp, should_stop, progress, on_epoch).run()
+                    trainer(students, data, teacher, amp, should_stop, progress, on_epoch,
+                            compiled.CompiledForwards(compile)).run()
                 finally:
                     for stop in stops:
                         stop.set()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kd.data.loader import DeviceData, Split
 from kd.engine.checkpoint import CheckpointStore
+from kd.engine.compiled import CompiledForwards
 from kd.engine.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import RunSpec
@@ -136,6 +137,10 @@ class Student:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
+    def tag(self, key: str, value: str) -> None:
+        if self.tracker is not None:  # the bench's students have no run
+            self.tracker.client.set_tag(self.tracker.run_id, key, value)
+
     def catch_up_metrics(self) -> None:
         """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""
         self.logged_epochs = self.tracker.logged_steps("test_acc")
@@ -192,12 +197,14 @@ def teacher_forward(teacher: nn.Module | None, x: Tensor, precision: Precision) 
 
 
 def student_losses(
-    s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, precision: Precision
+    s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, precision: Precision,
+    forward: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
-    """A student's outputs, its loss, and what is logged of it: `train_loss`, `loss_ce`, the method's terms."""
+    """A student's outputs, its loss, and what is logged of it: `train_loss`, `loss_ce`, the method's terms.
+    `forward`: the model's compiled stand-in, if any."""
     spec = s.spec
     with precision.autocast():
-        out = s.model(x)
+        out = (s.model if forward is None else forward)(x)
         ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
         terms = s.method(out, teacher_out, y, epoch)
         loss = (1 - spec.alpha) * ce + spec.alpha * sum(terms.values()) if terms else ce
@@ -216,8 +223,10 @@ class Trainer:
         should_stop: Callable[[], bool] = lambda: False,
         progress: bool | None = None,
         on_epoch: EpochCallback | None = None,
+        forwards: CompiledForwards | None = None,
     ) -> None:
         self.students, self.data, self.teacher, self.precision = students, data, teacher, precision
+        self.forwards = forwards or CompiledForwards(enabled=False)
         self.on_epoch = on_epoch
         self.should_stop = should_stop
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -256,18 +265,31 @@ class Trainer:
 
     def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int) -> None:
         """One batch: the teacher once, then each student's step."""
-        teacher_out = teacher_forward(self.teacher, x, self.precision)
+        forwards = self.full_batch_forwards(x, y, self.precision)
+        teacher_out = teacher_forward(forwards(self.teacher), x, self.precision)
         for s in stepping:
-            self.step(s, x, y, teacher_out, epoch, b)
+            self.step(s, x, y, teacher_out, epoch, b, forwards(s.model))
             s.batch = b + 1
             crash_point("step")
+
+    def full_batch_forwards(self, x: Tensor, y: Tensor, precision: Precision) -> Callable[[nn.Module], Any]:
+        """The compiled forwards for a full batch (compiled on the first), the plain modules otherwise."""
+        if len(y) != self.spec.batch_size:
+            return lambda module: module
+        before = self.forwards.state
+        self.forwards.prepare(self.teacher, [s.model for s in self.students], x, y, precision.autocast)
+        if self.forwards.state != before:  # compilation failed: the runs say so
+            for s in self.students:
+                s.tag("kd.compile", self.forwards.state)
+        return self.forwards
 
     def settle(self) -> None:
         """Bring every student's host-side sums up to date before they are read (the graphed
         trainer keeps them on the device; the eager step has already added them)."""
 
-    def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int) -> None:
-        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.precision)
+    def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
+             forward: Callable[[Tensor], list[Tensor]] | None = None) -> None:
+        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.precision, forward)
         values = {k: t.item() for k, t in logged.items()}
         if not all(math.isfinite(v) for v in values.values()):
             raise diverged(NON_FINITE, s.spec.method, epoch, b + 1, values)
