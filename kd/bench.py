@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from kd.data.base import ImageData
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
-from kd.engine.job import PRECISIONS, build_parts, new_student, pick_device, seeded_build
+from kd.engine.job import build_parts, new_student, pick_device, seeded_build
 from kd.engine.trainer import Precision, Student, Trainer
 from kd.models import create_model
-from kd.spec import RunSpec, SpecError
+from kd.spec import RunSpec, SpecError, check_precision
 
 DATASET = "cifar100"  # the shape and augmentation (padding 4, flips) of the benchmark's data
 MEAN, STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # CIFAR-100's, for the normalisation
@@ -172,7 +172,7 @@ def engine(args: argparse.Namespace, data: DeviceData, device: torch.device, n: 
     rate = images_per_second(step, args, device)
     trainer.settle()  # the guard's last read: a benchmark of a diverged step would mean nothing
     mode = getattr(trainer, "failure", None) or modes[0]
-    dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
+    dtype = precision.name
     name = "engine solo" if n == 1 else f"engine packed x{n}"
     fused = ", compiled" if forwards.state == compiled.ON else ""
     return {"pipeline": "solo" if n == 1 else "packed", "label": f"{name}: resident data, {dtype}, {mode}{fused}",
@@ -233,8 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.workers = 8 if pick_device(args.device).type == "cuda" else 2
     if args.steps < 1 or args.warmup < 0 or args.students < 1 or args.batch_size < 1 or args.workers < 0:
         raise SpecError("--steps, --students and --batch-size must be >= 1, --warmup and --workers >= 0")
-    if args.precision not in PRECISIONS:
-        raise SpecError(f"unknown precision '{args.precision}': choose one of {', '.join(PRECISIONS)}")
+    check_precision(args.precision)
     if args.images < args.batch_size:
         raise SpecError(f"--images {args.images} is less than one batch: pass --images >= --batch-size")
     specs_for(args, 1)  # unknown models or methods stop here, as one line

@@ -26,6 +26,14 @@ class SpecError(ValueError):
     """Bad user input: the message is one line naming the problem and the fix."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # how a run computes, not what it is: not in the spec's key
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise SpecError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Every field that defines a run; defaults are the user's recipe (Experiment Charlie)."""

@@ -91,6 +91,10 @@ def test_overrides_reach_specs_and_job_settings():
         load_grid("smoke", ["colour=blue"])
     with pytest.raises(SpecError, match="expected int"):
         load_grid("smoke", ["epochs=many"])
+    grid = load_grid("smoke", ["precision=fp16", "compile=true"])
+    assert grid.job.precision == "fp16" and grid.job.compile
+    with pytest.raises(SpecError, match="unknown precision 'fp8': choose one of auto, fp32, bf16, fp16"):
+        load_grid("smoke", ["precision=fp8"])
 
 
 def test_unquoted_yaml_walltime_is_a_clear_error(tmp_path):
@@ -347,7 +351,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     grid = write_grid(tmp_path / "one.yaml", "experiment: one\ndatasets: [digits]\nseeds: [0]\nteacher: ResNet8\n"
                                              "student: ResNet8\npure_student: false\n"
                                              "spec: {epochs: 12, batch_size: 16, train_limit: 512}\n"
-                                             "job: {ncpus: 1, gpus: 0, device: cpu}\n")
+                                             "job: {ncpus: 1, gpus: 0, device: cpu, precision: fp32}\n")
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")
     assert code == 0 and "submit            digits-ResNet8-teacher-s0" in out
     client = MlflowClient()
@@ -361,7 +365,8 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     assert code == 0 and "resume            digits-ResNet8-teacher-s0  (killed, epoch " in out
     wait_for(lambda: client.get_run(run_id).info.status == "FINISHED", 180, "the resumed run to finish")
     final = client.get_run(run_id)
-    assert final.data.tags["kd.job_id"] != job_id
+    assert final.data.tags["kd.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"
+    assert "--device cpu --precision fp32\n" in Path(final.data.tags["kd.job_log"]).with_suffix(".sh").read_text()
     assert f"resuming run {run_id}" in Path(final.data.tags["kd.job_log"]).read_text()
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(steps) == list(range(1, 13))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.spec import SpecError
+from kd.spec import SpecError, check_precision
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "pbs_templates"
 
@@ -55,6 +55,8 @@ class JobSettings:
     data_root: str | None = None  # KD_DATA_ROOT of the job; default $KD_DATA_ROOT or workdir/data
     jobs_dir: str | None = None  # job scripts and logs; default kd-jobs/ beside the sqlite store
     device: str = "auto"
+    precision: str = "auto"  # kd job --precision: auto is bf16 on recent GPUs, fp16 on a V100
+    compile: bool = False  # kd job --compile: fused kernels (docs/performance.md)
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> JobSettings:
@@ -83,6 +85,7 @@ class JobSettings:
             raise SpecError(f"job setting mem={self.mem!r} is not a size like 16gb or 500mb")
         if not DEVICE.fullmatch(self.device):
             raise SpecError(f"job setting device={self.device!r}: use auto, cpu or cuda")
+        check_precision(self.precision)
         if self.ncpus < 1 or self.gpus < 0:
             raise SpecError("job settings need ncpus >= 1 and gpus >= 0")
         if self.venv and self.conda_env:

@@ -34,12 +34,11 @@ from kd.engine.trainer import (
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
-from kd.spec import RunSpec, SpecError
+from kd.spec import RunSpec, SpecError, check_precision
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
 
@@ -147,8 +146,7 @@ def run_specs(
     check_pack(specs)
     first = specs[0]
     dev = pick_device(device)
-    if precision not in PRECISIONS:
-        raise SpecError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     amp = Precision.for_device(dev, precision)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     client = get_client()
@@ -175,6 +173,7 @@ def run_specs(
                 students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
                 students[-1].tag("kd.step_mode", mode)
                 students[-1].tag("kd.compile", compiled.ON if compile else compiled.OFF)
+                students[-1].tag("kd.precision", amp.name)
             for student in students:
                 pretrain_once(student, teacher, data)
             with sigterm_flag() as should_stop, system_metrics(trackers):

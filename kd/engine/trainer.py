@@ -71,6 +71,11 @@ class Precision:
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return cls(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice])
 
+    @property
+    def name(self) -> str:
+        """What `auto` resolved to, as `--precision` spells it (the run's `kd.precision` tag)."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
     def autocast(self) -> Any:
         if self.dtype is None:
             return nullcontext()
