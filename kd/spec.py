@@ -65,7 +65,7 @@ class RunSpec:
         if self.label_smoothing is None:
             object.__setattr__(self, "label_smoothing", 0.1 if self.method == "pure" else 0.0)
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        object.__setattr__(self, "options", dict(sorted(self.options.items())))
+        object.__setattr__(self, "options", dict(sorted(_as_declared(self.method, self.options).items())))
         if self.init_weights not in (None, TIMM_HUB):  # absolute: cluster jobs start in another folder
             object.__setattr__(self, "init_weights", str(Path(self.init_weights).expanduser().absolute()))
         self._check()
@@ -117,6 +117,7 @@ class RunSpec:
                 f"method '{self.method}' has no option {', '.join(unknown)}: "
                 f"its options are {', '.join(known) or 'none'} (see kd methods)"
             )
+        METHODS[self.method].check_options(self.options)
 
     @classmethod
     def create(cls, **fields: Any) -> RunSpec:
@@ -178,3 +179,11 @@ def _one_of(what: str, value: str, valid: Any, listing: str | None = None) -> No
     if value not in valid:
         hint = f" (see {listing})" if listing else ""
         raise SpecError(f"unknown {what} '{value}': choose one of {', '.join(sorted(valid))}{hint}")
+
+
+def _as_declared(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Whole numbers given for float options (a YAML `25`) become floats, so the key is the same."""
+    from kd.methods import METHODS
+
+    declared = METHODS[method].option_defaults() if method in METHODS else {}
+    return {k: float(v) if type(declared.get(k)) is float and type(v) is int else v for k, v in options.items()}

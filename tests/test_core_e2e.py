@@ -56,6 +56,8 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
         (("distill", "--dataset", "digits", "--method", "magic", "--teacher", "ResNet8"), "unknown method 'magic'"),
         (("distill", "--dataset", "digits", "--alpha", "1.5", "--teacher", "ResNet8", "--method", "logit"),
          "outside [0, 1]"),
+        (("distill", "--dataset", "digits", "--teacher", "ResNet8", "--method", "rkd", "--rkd-angle-weight", "-50"),
+         "rkd option rkd_angle_weight=-50.0 is out of range: pass --rkd-angle-weight >= 0"),
         (("distill", *DIGITS_FAST, "--teacher", "ResNet20", "--student", "ResNet8", "--method", "logit"),
          "no registered teacher models:/digits-ResNet20@seed0: train it first with `kd train"),
         (("train", "--dataset", "cifar10", "--model", "ResNet8", "--epochs", "1"), "cifar-10-batches-py"),

@@ -1,5 +1,7 @@
 """RunSpec: recipe defaults, stable keys, and one-line errors for bad values."""
 
+import re
+
 import pytest
 
 from kd.spec import RunSpec, SpecError
@@ -40,3 +42,28 @@ def test_bad_values_give_one_line(values, needle):
     with pytest.raises(SpecError) as err:
         RunSpec.create(dataset=values.pop("dataset", "digits"), model=values.pop("model", "ResNet8"), **values)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("method", "options", "needle"), [
+    ("rkd", {"rkd_distance_weight": -25.0}, "rkd option rkd_distance_weight=-25.0 is out of range: pass "
+                                            "--rkd-distance-weight >= 0"),
+    ("dkd", {"dkd_beta": -8.0}, "pass --dkd-beta >= 0"),
+    ("attention_transfer", {"at_reduction": "max"}, "pass --at-reduction one of sum, mean"),
+    ("attention_transfer", {"at_p": 0.0}, "pass --at-p > 0"),
+    ("tucker", {"tucker_spatial_rank": 0}, "pass --tucker-spatial-rank >= 1"),
+    ("factor_transfer", {"ft_pretrain_epochs": -1}, "pass --ft-pretrain-epochs >= 0"),
+    ("fitnets", {"hint_stage": 2.5}, "fitnets option hint_stage=2.5 is not an int: pass --hint-stage like 2"),
+    ("nst", {"nst_weight": "50"}, "nst option nst_weight='50' is not a float"),
+    ("dkd", {"dkd_warmup": True}, "dkd option dkd_warmup=True is not an int"),
+])  # fmt: skip
+def test_method_options_are_checked_when_the_spec_is_made(method, options, needle):
+    with pytest.raises(SpecError, match=re.escape(needle)):
+        RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet20", method=method, options=options)
+
+
+def test_whole_numbers_for_float_options_give_the_same_spec():
+    """A YAML grid's `rkd_angle_weight: 50` is the CLI's 50.0: same key, same run."""
+    as_int, as_float = (RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet20", method="rkd",
+                                       options={"rkd_angle_weight": value}) for value in (50, 50.0))
+    assert as_int == as_float and as_int.key() == as_float.key()
+    assert type(as_int.options["rkd_angle_weight"]) is float

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kd.methods.base import Features, Method, Shapes, register_method
+from kd.methods.base import Features, Method, one_of, positive, register_method
 from kd.methods.features import fp32, stage_pairs, unit
-from kd.spec import SpecError
 
 REDUCTIONS = ("sum", "mean")
 
@@ -37,16 +36,10 @@ class AttentionTransfer(Method):
         "at_weight": (1000.0, "weight beta of the summed per-stage losses (RepDistiller / mdistiller: 1000)"),
         "at_reduction": ("sum", "combine the stage losses by 'sum' (paper) or 'mean'"),
     }
+    rules = {"at_p": positive(), "at_reduction": one_of(*REDUCTIONS)}
     at_p: float = 2.0
     at_weight: float = 1000.0
     at_reduction: str = "sum"
-
-    def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
-        super().__init__(student_shapes, teacher_shapes, **options)
-        if self.at_reduction not in REDUCTIONS:
-            raise SpecError(
-                f"at_reduction '{self.at_reduction}' is unknown: choose one of {', '.join(REDUCTIONS)}"
-            )
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         losses = [at_loss(s, t, self.at_p) for s, t in stage_pairs(student, teacher)]

@@ -14,8 +14,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kd.spec import SpecError
+
 Features = list[Tensor]  # a model's outputs: stage features, then logits last
 Shapes = list[torch.Size]  # the same without the batch dimension
+Rule = tuple[Callable[[Any], bool], str]  # a test of an option's value, and what to pass instead
+
+
+def at_least(low: float) -> Rule:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def positive() -> Rule:
+    return (lambda v: v > 0), "> 0"
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+NOT_NEGATIVE = at_least(0)  # every *_weight: a negative weight turns distillation into its opposite
 
 
 class Method(nn.Module):
@@ -23,6 +41,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    rules: ClassVar[dict[str, Rule]] = {}  # option -> the values it may take (every *_weight: >= 0)
     reference: ClassVar[str] = ""
     # Set by methods with a pre-training stage: the artifact that stores its result in the run,
     # so a resumed run loads it instead of pre-training again.
@@ -38,6 +57,24 @@ class Method(nn.Module):
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         return {k: default for k, (default, _) in cls.options.items()}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Each value has its default's type and obeys its rule. Run when a spec is made, so a bad
+        value stops before any run exists; what depends on the models (stages) is checked when
+        the method is built for them."""
+        for name, value in options.items():
+            default = cls.options[name][0]
+            flag = "--" + name.replace("_", "-")
+            kind = (int, float) if type(default) is float else type(default)
+            if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, kind):
+                kind_name = type(default).__name__
+                article = "an" if kind_name[0] in "aeiou" else "a"
+                raise SpecError(f"{cls.name} option {name}={value!r} is not {article} {kind_name}: "
+                                f"pass {flag} like {default!r}")
+            test, wanted = cls.rules.get(name) or (NOT_NEGATIVE if name.endswith("_weight") else (None, ""))
+            if test is not None and not test(value):
+                raise SpecError(f"{cls.name} option {name}={value!r} is out of range: pass {flag} {wanted}")
 
     def forward(
         self, student: Features, teacher: Features | None, targets: Tensor, epoch: int

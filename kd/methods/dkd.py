@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.methods.base import Features, Method, register_method
+from kd.methods.base import NOT_NEGATIVE, Features, Method, at_least, register_method
 from kd.methods.features import fp32
 
 MASK = 1000.0  # subtracted from the target logit to drop it from the non-target softmax
@@ -54,6 +54,7 @@ class DKD(Method):
         "dkd_beta": (8.0, "weight of NCKD (KL among the non-target classes)"),
         "dkd_warmup": (20, "epochs over which both terms ramp up linearly from 1/warmup to 1"),
     }
+    rules = {"dkd_alpha": NOT_NEGATIVE, "dkd_beta": NOT_NEGATIVE, "dkd_warmup": at_least(0)}
     temperature: float = 4.0
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.methods.base import Features, Method, Shapes, register_method
+from kd.methods.base import Features, Method, Shapes, at_least, positive, register_method
 from kd.methods.features import fp32, match_spatial, unit
 
 # Paraphraser optimiser. Adam rather than the authors' SGD (lr 0.1): the reconstruction target is
@@ -70,6 +70,7 @@ class FactorTransfer(Method):
         "ft_pretrain_epochs": (30, "epochs of paraphraser pre-training on the frozen teacher"),
         "ft_weight": (500.0, "weight beta of the factor loss (the authors' code: 500)"),
     }
+    rules = {"ft_rate": positive(), "ft_pretrain_epochs": at_least(0)}
     pretrain_artifact = "paraphraser.pth"
     ft_rate: float = 0.5
     ft_pretrain_epochs: int = 30

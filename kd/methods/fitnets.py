@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.methods.base import Features, Method, Shapes, register_method
+from kd.methods.base import Features, Method, Shapes, at_least, register_method
 from kd.methods.features import check_stage, fp32
 
 
@@ -50,6 +50,7 @@ class FitNets(Method):
         "guided_stage": (1, "student stage (1-based) that the connector maps onto the hint"),
         "fitnets_weight": (100.0, "weight of the hint MSE (RepDistiller's beta for FitNets)"),
     }
+    rules = {"hint_stage": at_least(1), "guided_stage": at_least(1)}  # and at most the models' stages
     hint_stage: int = 2
     guided_stage: int = 1
     fitnets_weight: float = 100.0

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd.methods.base import Features, Method, Shapes, register_method
+from kd.methods.base import Features, Method, Shapes, at_least, one_of, register_method
 from kd.methods.features import fp32, stage_pairs, unit
-from kd.spec import SpecError
 
 MODES = ("full", "sample")
 
@@ -103,6 +102,8 @@ class Tucker(Method):
         "tucker_spatial_rank": (4, "Tucker rank of each spatial mode (height and width)"),
         "tucker_weight": (1.0, "weight of the summed per-stage core distances"),
     }
+    rules = {"tucker_mode": one_of(*MODES), "tucker_batch_rank": at_least(1), "tucker_channel_rank": at_least(1),
+             "tucker_spatial_rank": at_least(1)}
     tucker_mode: str = "full"
     tucker_batch_rank: int = 16
     tucker_channel_rank: int = 8
@@ -111,11 +112,6 @@ class Tucker(Method):
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
         super().__init__(student_shapes, teacher_shapes, **options)
-        if self.tucker_mode not in MODES:
-            raise SpecError(f"tucker_mode '{self.tucker_mode}' is unknown: choose one of {', '.join(MODES)}")
-        ranks = (self.tucker_batch_rank, self.tucker_channel_rank, self.tucker_spatial_rank)
-        if min(ranks) < 1:
-            raise SpecError("Tucker ranks must be at least 1: pass --tucker-*-rank 1 or more")
         self.ranks = [self.tucker_channel_rank, self.tucker_spatial_rank, self.tucker_spatial_rank]
         if self.tucker_mode == "full":
             self.ranks = [self.tucker_batch_rank, *self.ranks]
