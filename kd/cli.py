@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kd.spec import RunSpec, SpecError
+from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3
@@ -73,6 +73,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--precision", default="auto",
                         help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--collapse-after", "--collapse_after", type=int, default=DEFAULT_COLLAPSE_AFTER,
+                        help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
+                             f"{COLLAPSE_FACTOR:g}x chance (default {DEFAULT_COLLAPSE_AFTER}; 0: never)")
     parser.add_argument("--compile", action="store_true",
                         help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
@@ -119,7 +122,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     experiment = attached_experiment(attach) if attach else args.experiment
     try:
         outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
-                             compile=args.compile, force=args.force, attach_run_id=attach)
+                             compile=args.compile, collapse_after=args.collapse_after, force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
         return 0

@@ -199,6 +199,45 @@ def test_guard_stops_skipped_fp16_steps_as_failed(teacher, broken_methods):
     assert run.info.status == "FAILED"
 
 
+def pure_and(spec_values: dict, epochs: int) -> list[RunSpec]:
+    """A pack of a pure student and a KD student on digits (ResNet8, 7 steps per epoch)."""
+    common = dict(dataset="digits", model="ResNet8", epochs=epochs, batch_size=48, train_limit=320)
+    return [RunSpec.create(**common), RunSpec.create(**common, teacher="ResNet8", **spec_values)]
+
+
+def test_a_diverged_student_fails_alone_and_its_pack_trains_on(teacher, broken_methods):
+    pack = pure_and({"method": "planted_nan"}, epochs=2)
+    with pytest.raises(TrainingDiverged, match=r"'planted_nan' at epoch 1, step 1: .*\(1 other run\(s\) of the "
+                                               r"pack finished\)"):
+        run_specs(pack, device="cpu", progress=False)
+    runs = {r.data.tags["kd.method"]: r for r in runs_of("kd")}
+    assert runs["planted_nan"].info.status == "FAILED" and "non-finite" in runs["planted_nan"].data.tags["kd.error"]
+    assert runs["pure"].info.status == "FINISHED" and [s for s, _ in history(runs["pure"].info.run_id, "test_acc")] \
+        == [1, 2]
+
+
+def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
+    """The beta RKD runs sat at chance for 150 epochs and nobody was told. A logit student with alpha 1
+    copies an untrained teacher, which is chance: after --collapse-after epochs its run stops FAILED,
+    saying why, while the pure student of its pack (past 2x chance in epoch 2) trains to the end."""
+    untrained = tmp_path / "untrained.pth"
+    torch.save({"weights": create_model("ResNet8", 10, 1, 8).state_dict()}, untrained)
+    pack = pure_and({"method": "logit", "alpha": 1.0, "teacher_weights": str(untrained)}, epochs=4)
+    with pytest.raises(TrainingDiverged, match=r"collapsed: method 'logit' stayed at \d+\.\d\d % test accuracy or "
+                                               r"less for 2 epochs \(epoch 2\), below 2x chance \(10\.00 %\); "
+                                               r"stopped \(--collapse-after 0 trains on regardless\)"):
+        run_specs(pack, device="cpu", progress=False, collapse_after=2)
+    runs = {r.data.tags["kd.method"]: r for r in runs_of("kd")}
+    stuck, pure = runs["logit"], runs["pure"]
+    assert stuck.info.status == "FAILED" and "collapsed" in stuck.data.tags["kd.error"]
+    assert [s for s, _ in history(stuck.info.run_id, "test_acc")] == [1, 2]
+    assert max(v for _, v in history(stuck.info.run_id, "test_acc")) < 20.0
+    assert pure.info.status == "FINISHED" and [s for s, _ in history(pure.info.run_id, "test_acc")] == [1, 2, 3, 4]
+    # the same pack with the watch off trains both to the end
+    [_, watched_off] = run_specs(pack, experiment="off", device="cpu", progress=False, collapse_after=0)
+    assert [s for s, _ in history(watched_off.run_id, "test_acc")] == [1, 2, 3, 4]
+
+
 def test_an_exception_marks_the_run_failed(teacher):
     spec = RunSpec.create(dataset="digits", model="ResNet8", role="student", epochs=3, batch_size=64)
 

@@ -240,19 +240,24 @@ class PlantedNaN(Method):
         return {"loss_planted": student[-1].sum() * float("nan")}
 
 
-def test_the_graphed_guard_names_method_epoch_and_first_bad_step(teacher_weights, as_on_a_gpu):
+def test_the_graphed_guard_names_method_epoch_and_first_bad_step(teacher_weights, eager_pack, as_on_a_gpu):
+    """A diverged student in a graphed pack: FAILED with the eager guard's message, out of the graph
+    from the next capture on; the pure student beside it trains exactly as it does eagerly."""
     register_method(PlantedNaN)
     try:
-        as_on_a_gpu(Uncaptured())
+        graphs = as_on_a_gpu(Uncaptured())
         with pytest.raises(TrainingDiverged, match=r"non-finite loss in method 'planted_nan_graphed' at epoch 1, "
                                                    r"step 1: .*loss_planted=nan"):
-            run_specs([kd_spec(teacher_weights, "planted_nan_graphed")], experiment="guard", device="cpu",
-                      progress=False)
+            run_specs([pack(teacher_weights)[0], kd_spec(teacher_weights, "planted_nan_graphed")],
+                      experiment="guard", device="cpu", progress=False)
     finally:
         METHODS.pop(PlantedNaN.name)
     client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("guard").experiment_id])
-    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["kd.error"]
+    runs = {r.data.tags["kd.method"]: r for r in client.search_runs([client.get_experiment_by_name("guard").experiment_id])}
+    assert runs["planted_nan_graphed"].info.status == "FAILED"
+    assert "non-finite loss" in runs["planted_nan_graphed"].data.tags["kd.error"]
+    assert runs["pure"].info.status == "FINISHED" and histories(runs["pure"].info.run_id) == eager_pack[0]
+    assert graphs.captures == 2  # both students for epoch 1, the pure one alone for epoch 2
 
 
 def test_tally_reports_the_earliest_event_like_the_eager_guard():

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from kd.spec import COLLAPSE_FACTOR
+
 GROUP = ["dataset", "role", "model", "teacher", "method", "alpha"]
 BASELINE_INDEX = ["dataset", "model", "seed"]
 METRICS = ("final", "best")
-COLLAPSE_FACTOR = 2.0  # catches the beta RKD failure: 18.13 % on CIFAR-10 (chance 10 %)
 
 
 def newest(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

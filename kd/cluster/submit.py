@@ -101,7 +101,8 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
                 client.update_run(run_ids[-1], status="SCHEDULED")  # before the job can claim it
         first = job[0].spec.name()
         command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], "--device", settings.device,
-                   "--precision", settings.precision, *(["--compile"] if settings.compile else [])]
+                   "--precision", settings.precision, "--collapse-after", str(settings.collapse_after),
+                   *(["--compile"] if settings.compile else [])]
         name = f"kd-{first}" + (f"+{len(job) - 1}" if len(job) > 1 else "")
         job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / grid, f"{first}.{run_ids[0][:8]}",
                                        name, command)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.spec import SpecError, check_precision
+from kd.spec import DEFAULT_COLLAPSE_AFTER, SpecError, check_precision
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "pbs_templates"
 
@@ -57,6 +57,7 @@ class JobSettings:
     device: str = "auto"
     precision: str = "auto"  # kd job --precision: auto is bf16 on recent GPUs, fp16 on a V100
     compile: bool = False  # kd job --compile: fused kernels (docs/performance.md)
+    collapse_after: int = DEFAULT_COLLAPSE_AFTER  # kd job --collapse-after: epochs at chance before FAILED
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> JobSettings:
@@ -86,8 +87,8 @@ class JobSettings:
         if not DEVICE.fullmatch(self.device):
             raise SpecError(f"job setting device={self.device!r}: use auto, cpu or cuda")
         check_precision(self.precision)
-        if self.ncpus < 1 or self.gpus < 0:
-            raise SpecError("job settings need ncpus >= 1 and gpus >= 0")
+        if self.ncpus < 1 or self.gpus < 0 or self.collapse_after < 0:
+            raise SpecError("job settings need ncpus >= 1, gpus >= 0 and collapse_after >= 0")
         if self.venv and self.conda_env:
             raise SpecError("job settings venv and conda_env are both set: keep one")
         for name in ("queue", "project", "partition", "gres", "constraint"):

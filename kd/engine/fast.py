@@ -43,6 +43,7 @@ from kd.engine.trainer import (
     SKIPPED,
     Student,
     Trainer,
+    TrainingDiverged,
     diverged,
     student_losses,
     teacher_forward,
@@ -217,11 +218,14 @@ class GraphedTrainer(Trainer):
         graphed = [s for s in stepping if self.capturable(s)]
         if not graphed or len(y) != self.spec.batch_size:  # nothing to replay, or the short last batch
             self.settle()
-            super().train_batch(stepping, x, y, epoch, b)
+            super().train_batch([s for s in stepping if self.alive(s)], x, y, epoch, b)
             return
         key = (tuple(map(id, graphed)), tuple(epoch_key(s.method, epoch) for s in graphed))
         if key != self.key:
             self.settle()
+            if not all(map(self.alive, graphed)):  # the guard's read found one diverged: again without it
+                self.train_batch([s for s in stepping if self.alive(s)], x, y, epoch, b)
+                return
             self.key, self.replay, self.warmups_left = key, None, WARMUP_STEPS
         self.hold(graphed)
         static_x, static_y, static_step = self.buffers(x, y)
@@ -242,10 +246,10 @@ class GraphedTrainer(Trainer):
         for s in stepping:
             if id(s) in graphed_ids:
                 s.sums["seen"] += len(y)
+                s.batch = b + 1
+                crash_point("step")
             else:  # not capturable: steps eagerly on the graph's teacher outputs
-                self.step(s, x, y, teacher_out, epoch, b)
-            s.batch = b + 1
-            crash_point("step")
+                self.guarded_step(s, x, y, teacher_out, epoch, b)
         self.since_check += 1
         if self.since_check >= GUARD_EVERY:
             self.check()
@@ -342,9 +346,16 @@ class GraphedTrainer(Trainer):
                 g["lr"] = value
 
     def check(self) -> None:
+        """Read the guard's device state; a diverged student leaves the pack (the next batch
+        captures the others again without it)."""
         self.since_check = 0
         for s in self.held:
-            self.tallies[id(s)].check(s.spec.method, self.epoch)
+            if not self.alive(s):
+                continue
+            try:
+                self.tallies[id(s)].check(s.spec.method, self.epoch)
+            except TrainingDiverged as err:
+                self.drop(s, err)
 
     def settle(self) -> None:
         """Guard check, then the device sums back into the students (before eager steps and reads)."""

@@ -28,13 +28,14 @@ from kd.engine.trainer import (
     Stopped,
     Student,
     Trainer,
+    TrainingDiverged,
     build_optimizer,
     build_scheduler,
 )
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
-from kd.spec import RunSpec, SpecError, check_precision
+from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
@@ -130,6 +131,7 @@ def run_specs(
     device: str = "auto",
     precision: str = "auto",
     compile: bool = False,
+    collapse_after: int = DEFAULT_COLLAPSE_AFTER,
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
@@ -142,7 +144,12 @@ def run_specs(
     `on_epoch(student, epoch, metrics)` runs after each logged epoch and may raise to stop
     (Optuna's pruning), which ends the runs as FAILED with the exception as `kd.error`.
     `compile`: fuse the models' kernels with torch.compile (`kd/engine/compiled.py`).
+    A student that diverges, or collapses (no test accuracy of `collapse_after` epochs in a row
+    reaches 2x chance; 0: never), ends FAILED at once while the rest of the pack trains on; the
+    first such error is raised once the others have finished.
     """
+    if collapse_after < 0:
+        raise SpecError(f"collapse_after {collapse_after} is negative: pass --collapse-after 0 (never) or more")
     check_pack(specs)
     first = specs[0]
     dev = pick_device(device)
@@ -162,6 +169,7 @@ def run_specs(
         trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
                     for s in specs]
         students: list[Student] = []
+        trainer: Trainer | None = None
         modes = fast.step_modes(dev, specs)
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
@@ -179,21 +187,29 @@ def run_specs(
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
-                    trainer = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
-                    trainer(students, data, teacher, amp, should_stop, progress, on_epoch,
-                            compiled.CompiledForwards(compile)).run()
+                    trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
+                    trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
+                                            compiled.CompiledForwards(compile), collapse_after)
+                    trainer.run()
                 finally:
                     for stop in stops:
                         stop.set()
-        except Stopped as stop:
-            for t in trackers:
-                t.end("KILLED", str(stop))
-            raise
         except BaseException as err:
+            dropped = {s.tracker.run_id for s in students if trainer is not None and not trainer.alive(s)}
             for t in trackers:
-                t.end("FAILED", f"{type(err).__name__}: {err}")
+                if t.run_id in dropped:  # ended FAILED already, when it left the pack
+                    continue
+                if isinstance(err, Stopped):
+                    t.end("KILLED", str(err))
+                else:
+                    t.end("FAILED", f"{type(err).__name__}: {err}")
             raise
-        return [finish(s, tmp) for s in students]
+        outcomes = [finish(s, tmp) for s in students if trainer.alive(s)]
+    if trainer.failed:
+        first = next(iter(trainer.failed.values()))
+        others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
+        raise TrainingDiverged(f"{first}{others}")
+    return outcomes
 
 
 def build_parts(spec: RunSpec, data: DeviceData, device: torch.device) -> tuple[torch.nn.Module, Method, str | None]:

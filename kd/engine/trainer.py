@@ -27,7 +27,7 @@ from kd.engine.checkpoint import CheckpointStore
 from kd.engine.compiled import CompiledForwards
 from kd.engine.faults import crash_point
 from kd.methods.base import Method
-from kd.spec import RunSpec
+from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
 from kd.tracking.runs import RunTracker
 
 MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
@@ -229,9 +229,12 @@ class Trainer:
         progress: bool | None = None,
         on_epoch: EpochCallback | None = None,
         forwards: CompiledForwards | None = None,
+        collapse_after: int = DEFAULT_COLLAPSE_AFTER,
     ) -> None:
         self.students, self.data, self.teacher, self.precision = students, data, teacher, precision
         self.forwards = forwards or CompiledForwards(enabled=False)
+        self.collapse_after = collapse_after
+        self.failed: dict[int, TrainingDiverged] = {}  # by id(student): dropped from the pack, run FAILED
         self.on_epoch = on_epoch
         self.should_stop = should_stop
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -241,11 +244,25 @@ class Trainer:
         for s in self.students:
             s.catch_up_metrics()
         for epoch in range(min(s.epoch for s in self.students) + 1, self.spec.epochs + 1):
-            active = [s for s in self.students if s.epoch < epoch]
+            active = [s for s in self.students if s.epoch < epoch and self.alive(s)]
+            if not active:
+                break
             started = time.perf_counter()
             self.train_epoch(epoch, active)
             for s in active:
-                self.finish_epoch(s, epoch, time.perf_counter() - started)
+                if self.alive(s):
+                    self.finish_epoch(s, epoch, time.perf_counter() - started)
+
+    def alive(self, s: Student) -> bool:
+        return id(s) not in self.failed
+
+    def drop(self, s: Student, err: TrainingDiverged) -> None:
+        """One student diverged or collapsed: its run ends FAILED now, the rest of the pack trains on."""
+        if s.tracker is None:  # the bench: a benchmark of a broken step means nothing
+            raise err
+        self.failed[id(s)] = err
+        s.tracker.end("FAILED", f"TrainingDiverged: {err}")
+        print(f"kd: [{s.spec.name()}] run FAILED: {err}", file=sys.stderr, flush=True)
 
     def train_epoch(self, epoch: int, active: list[Student]) -> None:
         bs = self.spec.batch_size
@@ -260,11 +277,12 @@ class Trainer:
 
             batches = tqdm(batches, total=steps - start, desc=f"epoch {epoch}/{self.spec.epochs}", leave=False)
         for b, (x, y) in enumerate(batches, start):
-            self.train_batch([s for s in active if s.batch <= b], x, y, epoch, b)
+            self.train_batch([s for s in active if s.batch <= b and self.alive(s)], x, y, epoch, b)
             if self.should_stop() and b + 1 < steps:
                 self.settle()
                 for s in active:
-                    s.checkpoints.save(s.state())
+                    if self.alive(s):
+                        s.checkpoints.save(s.state())
                 raise Stopped(f"stopped at epoch {epoch}, batch {b + 1}/{steps}")
         self.settle()
 
@@ -273,9 +291,18 @@ class Trainer:
         forwards = self.full_batch_forwards(x, y, self.precision)
         teacher_out = teacher_forward(forwards(self.teacher), x, self.precision)
         for s in stepping:
-            self.step(s, x, y, teacher_out, epoch, b, forwards(s.model))
-            s.batch = b + 1
-            crash_point("step")
+            self.guarded_step(s, x, y, teacher_out, epoch, b, forwards(s.model))
+
+    def guarded_step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
+                     forward: Callable[[Tensor], list[Tensor]] | None = None) -> None:
+        """A student's eager step; a diverged student leaves the pack."""
+        try:
+            self.step(s, x, y, teacher_out, epoch, b, forward)
+        except TrainingDiverged as err:
+            self.drop(s, err)
+            return
+        s.batch = b + 1
+        crash_point("step")
 
     def full_batch_forwards(self, x: Tensor, y: Tensor, precision: Precision) -> Callable[[nn.Module], Any]:
         """The compiled forwards for a full batch (compiled on the first), the plain modules otherwise."""
@@ -309,6 +336,19 @@ class Trainer:
             s.sums[k] += v * n
         s.sums["correct"] += (out[-1].argmax(1) == y).sum().item()
         s.sums["seen"] += n
+
+    def collapsed(self, s: Student, epoch: int) -> TrainingDiverged | None:
+        """Not learning: no test accuracy of the last `collapse_after` epochs reached COLLAPSE_FACTOR x
+        chance (the beta RKD runs sat at chance for 150 epochs and nobody was told)."""
+        window = self.collapse_after
+        recent = s.history["test_acc"][-window:]
+        chance = 100.0 / self.data.num_classes
+        if not window or epoch < window or max(recent) >= COLLAPSE_FACTOR * chance:
+            return None
+        return TrainingDiverged(
+            f"collapsed: method '{s.spec.method}' stayed at {max(recent):.2f} % test accuracy or less for "
+            f"{window} epochs (epoch {epoch}), below {COLLAPSE_FACTOR:g}x chance ({chance:.2f} %); "
+            f"stopped (--collapse-after 0 trains on regardless)")
 
     def scaled_step(self, s: Student, loss: Tensor, epoch: int, b: int, values: dict[str, float]) -> None:
         """fp16 step; many skipped steps in a row mean the gradients are broken (the old RKD)."""
@@ -351,3 +391,6 @@ class Trainer:
                 f"lr {metrics['lr']:.4g} ({seconds:.1f}s)",
                 flush=True,
             )
+        collapsed = self.collapsed(s, epoch)
+        if collapsed is not None:
+            self.drop(s, collapsed)
