@@ -233,6 +233,8 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     assert [s for s, _ in history(stuck.info.run_id, "test_acc")] == [1, 2]
     assert max(v for _, v in history(stuck.info.run_id, "test_acc")) < 20.0
     assert pure.info.status == "FINISHED" and [s for s, _ in history(pure.info.run_id, "test_acc")] == [1, 2, 3, 4]
+    status = run_kd("status").stdout
+    assert " failed " in status and "\n    TrainingDiverged: collapsed: method 'logit' stayed at" in status
     # the same pack with the watch off trains both to the end
     [_, watched_off] = run_specs(pack, experiment="off", device="cpu", progress=False, collapse_after=0)
     assert [s for s, _ in history(watched_off.run_id, "test_acc")] == [1, 2, 3, 4]

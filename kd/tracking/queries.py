@@ -76,6 +76,8 @@ def format_summary(rows: list[SpecStatus]) -> str:
         job = row.run.data.tags.get("kd.job_id", "") if row.run else ""
         run_id = row.run.info.run_id if row.run else ""
         lines.append(f"{row.spec.name():58s} {row.state:14s} {row.epochs_done:>4d}/{row.spec.epochs:<4d}  {job:>10s}  {run_id}")
+        if row.state == FAILED and row.run.data.tags.get("kd.error"):  # why, where the user looks first
+            lines.append(f"    {row.run.data.tags['kd.error'][:200]}")
     counts = Counter(row.state for row in rows)
     lines.append(", ".join(f"{n} {state}" for state, n in counts.most_common()) + f" ({len(rows)} specs)")
     return "\n".join(lines)
