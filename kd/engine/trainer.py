@@ -4,7 +4,9 @@ Per batch the teacher runs once; each student takes its own step with
 `loss = (1 - alpha) * CE + alpha * sum(method terms)`. Per epoch each student is evaluated,
 checkpointed (committed first) and then its metrics are logged, so a kill at any moment
 leaves no metric step logged twice or missing: on resume, the steps the checkpoint knows and
-MLflow lacks are logged from the checkpoint's history.
+MLflow lacks are logged from the checkpoint's history. A student whose loss diverges, or whose
+test accuracy stays at chance for `collapse_after` epochs, leaves the pack with its run FAILED;
+the others train on.
 """
 
 from __future__ import annotations
