@@ -19,6 +19,7 @@ from kd.analysis import cli, legacy
 from kd.analysis.collect import collect_runs
 from kd.analysis.report import REPORT_KEYS, build_report, report_json
 from kd.analysis.tables import summarize
+from kd.cluster.grids import load_grid
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 from kd.tracking.runs import spec_tags
@@ -241,7 +242,8 @@ def test_cli_report_is_logged_as_one_analysis_run(client: MlflowClient, tmp_path
     assert {"report.json", "summary.md", "summary.csv", "runs.csv", "plots", "tables"} <= logged
     assert len(collect_runs(client, "kd")) == 2  # the analysis run is not a result
     for argv, message in ((("--experiment", "nope"), "no experiment 'nope'"), (("--seeds", "0,x"), "--seeds"),
-                          (("--dataset", "svhn"), "--dataset svhn"), (("--grid", "g9"), "kd.grid=g9"),
+                          (("--dataset", "svhn"), "--dataset svhn"), (("--grid", "g9"), "no experiment 'g9'"),
+                          (("--grid", "g9", "--experiment", "kd"), "kd.grid=g9"),
                           (("--collapse-factor", "0"), "--collapse-factor")):
         with pytest.raises(SpecError, match=message):
             kd("report", "--out", str(tmp_path / "bad"), *argv)
@@ -249,13 +251,22 @@ def test_cli_report_is_logged_as_one_analysis_run(client: MlflowClient, tmp_path
 
 def test_grid_selects_its_runs_and_their_baselines(client: MlflowClient, tmp_path: Path) -> None:
     fill(client, grid="g1")
-    kd("report", "--out", str(tmp_path / "g"), "--grid", "g1")
+    kd("report", "--out", str(tmp_path / "g"), "--grid", "g1", "--experiment", "kd")
     summary = pd.read_csv(tmp_path / "g" / "summary.csv", keep_default_na=False)
     groups = set(zip(summary.dataset, summary.model, summary.method, summary.alpha, strict=True))
     assert groups == {("cifar10", "ResNet20", "pure", 0.0), ("cifar10", "ResNet8", "pure", 0.0),
                       ("cifar10", "ResNet8", "logit", 0.5)}
     logit = row(summary, method="logit")
     assert float(logit.d_pure_final) == pytest.approx(paired(LOGIT_05, PURE))
+
+
+def test_a_grid_report_reads_the_grid_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kd report --grid charlie` (the README's) reads charlie's experiment, where the submitter put its runs."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert cli.experiment_of(argparse.Namespace(experiment=None, grid="charlie")) == load_grid("charlie").experiment
+    assert cli.experiment_of(argparse.Namespace(experiment=None, grid="gone-grid")) == "gone-grid"
+    assert cli.experiment_of(argparse.Namespace(experiment="mine", grid="charlie")) == "mine"
+    assert cli.experiment_of(argparse.Namespace(experiment=None, grid=None)) == "kd"
 
 
 def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:
@@ -326,7 +337,7 @@ def test_import_legacy_twice(client: MlflowClient, beta_tree: Path, capsys: pyte
     err = capsys.readouterr().err
     assert all(f"skipped {p}" in err for p in MALFORMED) and "status.json is not JSON" in err
     assert "best.pth does not load into ResNet8" in err
-    runs = {r.data.tags["kd.legacy_path"]: r for r in client.search_runs([experiment_id(client, "beta")])}
+    runs = {r.data.tags["kd.legacy_path"]: r for r in client.search_runs([experiment_id(client, "beta-legacy")])}
     assert len(runs) == 5
     expected = {
         "Cifar10/pure/ResNet20/0": legacy_spec(model="ResNet20", role="teacher"),
@@ -350,10 +361,10 @@ def test_import_legacy_twice(client: MlflowClient, beta_tree: Path, capsys: pyte
     assert (quarter.data.metrics["best_test_acc"], quarter.data.metrics["final_test_acc"]) == (67.0, 67.0)
 
     assert kd("import-legacy", str(beta_tree / "experiments")) == 0  # the experiments/ folder works too
-    assert "imported 0 runs into experiment 'beta', 5 already there, 3 directories skipped" in capsys.readouterr().out
-    assert len(client.search_runs([experiment_id(client, "beta")])) == 5
+    assert "imported 0 runs into experiment 'beta-legacy', 5 already there, 3 directories skipped" in capsys.readouterr().out
+    assert len(client.search_runs([experiment_id(client, "beta-legacy")])) == 5
 
-    summary = summarize(collect_runs(client, "beta"))
+    summary = summarize(collect_runs(client, "beta-legacy"))
     assert row(summary, method="logit", alpha=0.25).unfinished == "1 (KILLED 2/3)"
     assert row(summary, method="logit", alpha=0.5).d_teacher_final == pytest.approx(66.0 - 80.0)
 
@@ -373,7 +384,7 @@ def test_import_legacy_deletes_a_run_whose_writing_fails(
     assert len(result.imported) == 4
     assert [(str(p), "disk full" in why) for p, why in result.skipped if p not in MALFORMED] == [
         ("Cifar10/pure/ResNet20/0", True)]
-    exp = experiment_id(client, "beta")
+    exp = experiment_id(client, "beta-legacy")
     assert len(client.search_runs([exp])) == 4  # the failed run was deleted, not left half-written
     monkeypatch.setattr(MlflowClient, "log_artifact", real)
     again = legacy.import_legacy(client, beta_tree)

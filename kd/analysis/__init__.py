@@ -4,3 +4,7 @@
 them together for `kd report`, `features` measures representations, `legacy` imports the beta
 tree, `cli` adds the commands to `kd`. See docs/analysis.md.
 """
+
+# Where `kd import-legacy` puts the beta tree by default: not `beta`, the beta grid's experiment,
+# whose planner would count the imported runs as its own.
+LEGACY_EXPERIMENT = "beta-legacy"

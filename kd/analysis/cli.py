@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from kd.analysis import LEGACY_EXPERIMENT
 from kd.spec import SpecError
 
 
@@ -29,6 +30,27 @@ def add_experiment(parser: argparse.ArgumentParser, default: str | None = None) 
                         help="MLflow experiment (default %(default)s)")
 
 
+def add_grid_and_experiment(parser: argparse.ArgumentParser, grid_help: str) -> None:
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: the grid's with --grid, else $MLFLOW_EXPERIMENT_NAME or kd)")
+    parser.add_argument("--grid", help=grid_help)
+
+
+def experiment_of(args: argparse.Namespace) -> str:
+    """--experiment; else the experiment a --grid's runs live in (the grid's, or its name for a grid
+    that is no longer a file); else $MLFLOW_EXPERIMENT_NAME or kd."""
+    if args.experiment:
+        return args.experiment
+    if args.grid:
+        from kd.cluster.grids import load_grid
+
+        try:
+            return load_grid(args.grid).experiment
+        except SpecError:
+            return args.grid
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kd.analysis.collect import log_analysis
     from kd.analysis.report import REPORT_KEYS, build_report
@@ -39,6 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if factor <= 0:
         raise SpecError("--collapse-factor must be positive: pass e.g. --collapse-factor 2")
     client = get_client()
+    args.experiment = experiment_of(args)
     report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=parse_seeds(args.seeds),
                           metric=args.metric, dataset=args.dataset, collapse_factor=factor)
     tags = {"kd.analysis_grid": args.grid} if args.grid else {}  # not kd.grid: it is no grid run
@@ -54,7 +77,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from kd.analysis.plots import plot_runs
     from kd.tracking.store import get_client
 
-    plotted, current = plot_runs(get_client(), args.experiment, args.grid, args.force)
+    plotted, current = plot_runs(get_client(), experiment_of(args), args.grid, args.force)
     print(f"plotted {plotted} runs, {current} already up to date")
     return 0
 
@@ -94,8 +117,7 @@ def cmd_import_legacy(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add report, plot, analyze (features) and import-legacy to the `kd` parser."""
     p = sub.add_parser("report", help="tables, plots and report.json from the tracking store")
-    add_experiment(p)
-    p.add_argument("--grid", help="only runs tagged kd.grid=NAME (plus the baselines they compare with)")
+    add_grid_and_experiment(p, "only runs tagged kd.grid=NAME (plus the baselines they compare with)")
     p.add_argument("--out", type=Path, required=True, help="directory for the report files")
     p.add_argument("--seeds", help="expected seeds, e.g. 0,1,2 (default: every seed seen on the dataset)")
     p.add_argument("--metric", choices=("final", "best"), default="final",
@@ -106,8 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot", help="each run's Accuracy.png and Loss.png, for runs that moved (cron-safe)")
-    add_experiment(p)
-    p.add_argument("--grid", help="only runs tagged kd.grid=NAME")
+    add_grid_and_experiment(p, "only runs tagged kd.grid=NAME")
     p.add_argument("--force", action="store_true", help="redraw every run")
     p.set_defaults(func=cmd_plot)
 
@@ -124,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("import-legacy", help="import the thesis experiments/ tree as MLflow runs")
     p.add_argument("path", type=Path, help="the tree (a folder holding experiments/, or experiments/ itself)")
-    add_experiment(p, default="beta")
+    add_experiment(p, default=LEGACY_EXPERIMENT)
     p.add_argument("--teacher-models", help="comma-separated models to treat as teachers under pure/ "
                    "(default: the models named as teachers by Teacher_to_Student folders)")
     p.set_defaults(func=cmd_import_legacy)

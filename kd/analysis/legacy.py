@@ -24,6 +24,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from kd.analysis import LEGACY_EXPERIMENT
 from kd.analysis.collect import search_all
 from kd.data import DATASETS
 from kd.engine.checkpoint import load_weights_only
@@ -33,7 +34,6 @@ from kd.tracking.runs import spec_tags
 from kd.tracking.store import experiment_id
 
 SOURCE = "legacy"
-DEFAULT_EXPERIMENT = "beta"
 LAYOUT = "{Dataset}/{method}[/alpha_{a}]/{model or Teacher_to_Student}/{seed}"
 DATASET_NAMES = {"Cifar10": "cifar10", "Cifar100": "cifar100", "SVHN": "svhn", "TinyImageNet": "tinyimagenet"}
 STATUSES = {"completed": "FINISHED", "in_progress": "KILLED"}  # an unfinished legacy run never resumes
@@ -227,7 +227,7 @@ def write_run(client: MlflowClient, exp_id: str, item: LegacyRun) -> str:
 
 
 def import_legacy(
-    client: MlflowClient, path: Path, experiment: str = DEFAULT_EXPERIMENT, teachers: Iterable[str] = ()
+    client: MlflowClient, path: Path, experiment: str = LEGACY_EXPERIMENT, teachers: Iterable[str] = ()
 ) -> ImportResult:
     """Import a thesis tree into `experiment`; `teachers` adds models to treat as teachers under pure/."""
     root = find_root(path)
