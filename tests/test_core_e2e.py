@@ -23,8 +23,9 @@ def train_digits_teacher(model: str = "ResNet8") -> None:
 
 def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     train_digits_teacher()
+    # values spelled otherwise than Python prints them: mlflow run logs them as typed
     done = mlflow_run("distill", dataset="digits", teacher="ResNet8", student="ResNet8", method="logit",
-                      alpha=0.25, epochs=3, batch_size=64, device="cpu")
+                      alpha=".25", temperature=4, epochs=3, batch_size=64, device="cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient()
     exp = client.get_experiment_by_name("kd")
@@ -33,7 +34,8 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     run = students[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["kd.method"] == "logit" and run.data.tags["kd.alpha"] == "0.25"
-    assert run.data.params["alpha"] == "0.25" and run.data.params["epochs"] == "3"
+    assert run.data.params["alpha"] == ".25" and run.data.params["temperature"] == "4"  # mlflow's record stays
+    assert run.data.params["epochs"] == "3" and run.data.params["label_smoothing"] == "0.0"  # the spec's own
     assert run.data.tags["kd.teacher_source"].startswith(teacher_uri("digits", "ResNet8", 0))
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]

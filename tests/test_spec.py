@@ -5,6 +5,7 @@ import re
 import pytest
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking.runs import same_param
 
 
 def test_defaults_are_the_recipe():
@@ -67,3 +68,12 @@ def test_whole_numbers_for_float_options_give_the_same_spec():
                                        options={"rkd_angle_weight": value}) for value in (50, 50.0))
     assert as_int == as_float and as_int.key() == as_float.key()
     assert type(as_int.options["rkd_angle_weight"]) is float
+
+
+@pytest.mark.parametrize(("typed", "written", "same"), [
+    ("1", "1.0", True), (".25", "0.25", True), ("50", "50.0", True), ("60,120", "(60, 120)", True),
+    ("logit", "logit", True), ("0.5", "0.25", False), ("nst", "logit", False), ("60", "(60, 120)", False),
+])  # fmt: skip
+def test_mlflow_run_params_as_typed_match_the_spec_as_written(typed, written, same):
+    """`mlflow run -P alpha=1` logs '1'; the spec writes '1.0'. MLflow refuses to change a param."""
+    assert same_param(typed, written) is same

@@ -90,14 +90,35 @@ def lease_is_live(run: Run, now: float | None = None) -> bool:
 
 
 def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None) -> None:
-    """Params, identity tags and config.json: what makes an MLflow run the run of this spec."""
+    """Params, identity tags and config.json: what makes an MLflow run the run of this spec.
+
+    A run `mlflow run` created already holds the `-P` values as the user typed them (`50`, `.25`,
+    `60,120`); MLflow refuses to change a param, so those stay, after a check that they mean the
+    spec's values.
+    """
+    logged = client.get_run(run_id).data.params
+    for key, value in spec.params().items():
+        if key in logged and not same_param(logged[key], value):
+            raise SpecError(f"param {key} is {logged[key]!r} in run {run_id} but the spec has {value!r}: "
+                            "pass the same value")
     tags = {**spec_tags(spec), "mlflow.runName": spec.name(), **(extra_tags or {})}
     client.log_batch(
         run_id,
-        params=[Param(k, v) for k, v in spec.params().items()],
+        params=[Param(k, v) for k, v in spec.params().items() if k not in logged],
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
     client.log_dict(run_id, spec.to_dict(), "config.json")
+
+
+def same_param(typed: str, ours: str) -> bool:
+    """Whether a param as typed (`-P alpha=1`) means the spec's value as written (`1.0`)."""
+    a, b = (v.strip().strip("()[]").replace(" ", "") for v in (typed, ours))
+    if a.lower() == b.lower():
+        return True
+    try:
+        return [float(x) for x in a.split(",")] == [float(x) for x in b.split(",")]
+    except ValueError:
+        return bool(a) and Path(a).expanduser().absolute() == Path(b)  # a relative init_weights
 
 
 def create_spec_run(
