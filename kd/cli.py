@@ -113,8 +113,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     from kd.engine.job import run_specs
+    from kd.tracking.registry import register_if_missing
     from kd.tracking.runs import AlreadyFinished
-    from kd.tracking.store import ui_command
+    from kd.tracking.store import get_client, ui_command
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
@@ -125,6 +126,9 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
                              compile=args.compile, collapse_after=args.collapse_after, force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
+        repaired = register_if_missing(get_client(), done.run, done.spec)
+        if repaired:
+            print(f"registered {repaired}: the run had finished without its registry entry")
         return 0
     for o in outcomes:
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"

@@ -49,6 +49,7 @@ from kd.cluster.server import server_argv
 from kd.cluster.templates import JobSettings, render
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
+from kd.tracking.registry import teacher_run_id
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client
 from tests.conftest import run_kd
@@ -332,6 +333,29 @@ def test_server_refuses_to_listen_beyond_loopback_without_auth(tmp_path):
     assert local[local.index("--host") + 1] == "127.0.0.1"
     assert kd_main(["server", "--backend-store-uri", uri, "--artifacts-destination", str(tmp_path),
                     "--host", "0.0.0.0"]) == 2
+
+
+def test_a_teacher_finished_but_never_registered_is_registered_by_submit_and_by_kd_train(store, tmp_path):
+    """A kill between FINISHED and the registry entry must not hold the students back forever."""
+    grid = write_grid(tmp_path / "rep.yaml", "experiment: rep\ndatasets: [digits]\nseeds: [0]\nteacher: ResNet8\n"
+                                             "student: ResNet8\npure_student: false\nmethods: [logit]\n"
+                                             "spec: {epochs: 1, batch_size: 64, train_limit: 256}\n"
+                                             "job: {ncpus: 1, gpus: 0, device: cpu}\n")
+    teacher = load_grid(grid).specs[0]
+    [trained] = run_specs([teacher], experiment="rep", device="cpu", progress=False)
+    client = MlflowClient()
+    for route in ("submit", "train"):
+        client.delete_registered_model("digits-ResNet8")  # what the kill leaves: FINISHED, no entry
+        assert teacher_run_id(client, "digits", "ResNet8", 0) is None
+        if route == "submit":
+            code, out = kd("submit", "--grid", grid, "--scheduler", "local", "--max-queued", "0")
+            assert "wait-for-slot     digits-ResNet8-to-ResNet8-logit-a0.5-s0" in out  # no longer waits for it
+        else:
+            code, out = kd("train", "--dataset", "digits", "--model", "ResNet8", "--epochs", "1", "--batch-size",
+                           "64", "--train-limit", "256", "--experiment", "rep", "--device", "cpu")
+            assert "already trained in run" in out
+        assert code == 0 and "registered digits-ResNet8@seed0 (version 1)" in out
+        assert teacher_run_id(client, "digits", "ResNet8", 0) == trained.run_id
 
 
 # ----------------------------------------------------------------------------------------- local scheduler

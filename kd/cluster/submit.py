@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +21,21 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, RunTag
 
 from kd.cluster.grids import Grid
-from kd.cluster.planner import SKIP_FINISHED, SKIP_RUNNING, SUBMIT, WAIT_SLOT, Item, Plan, observe, plan
+from kd.cluster.planner import (
+    SKIP_FINISHED,
+    SKIP_RUNNING,
+    SUBMIT,
+    WAIT_SLOT,
+    Item,
+    Observed,
+    Plan,
+    observe,
+    plan,
+)
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
-from kd.spec import SpecError
+from kd.spec import RunSpec, SpecError
+from kd.tracking.registry import register_if_missing
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client, tracking_uri
 
@@ -60,6 +71,16 @@ def submit_lock(timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def repair_registrations(client: MlflowClient, specs: Sequence[RunSpec], seen: Observed) -> None:
+    """FINISHED teachers without a registry entry (killed between the two) are registered now,
+    so that their students are not held back forever."""
+    for spec in specs:
+        run = seen.runs.get(spec.key())
+        repaired = register_if_missing(client, run, spec) if run is not None else None
+        if repaired:
+            print(f"registered {repaired}: the teacher had finished without its registry entry", flush=True)
+
+
 def store_exists() -> bool:
     """False for a sqlite store not created yet: a dry run must not create it."""
     uri = tracking_uri()
@@ -76,8 +97,10 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
     with nullcontext() if dry_run else submit_lock():
         # inside the lock: two processes creating one new sqlite store at once break its migrations
         client = get_client() if (store_exists() or not dry_run) else None
-        p = plan(grid.specs, observe(client, experiment), max_queued=max_queued, pack=pack,
-                 retry_failed=retry_failed)
+        seen = observe(client, experiment)
+        if not dry_run:
+            repair_registrations(client, grid.specs, seen)
+        p = plan(grid.specs, seen, max_queued=max_queued, pack=pack, retry_failed=retry_failed)
         mode = "dry run, nothing submitted" if dry_run else f"scheduler {scheduler}"
         print(p.format(f"grid {grid.name} -> experiment {experiment} ({mode})"), flush=True)
         if not dry_run:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from kd.spec import RunSpec, SpecError
@@ -44,6 +45,20 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias(spec.seed), version.version)
     return f"{name}@{alias(spec.seed)} (version {version.version})"
+
+
+def register_if_missing(client: MlflowClient, run: Run, spec: RunSpec) -> str | None:
+    """Register a FINISHED teacher run that has no model version: a kill (or a store error) between
+    marking it FINISHED and registering it would otherwise hold its students back forever."""
+    name = registered_name(spec.dataset, spec.model)
+    if spec.role != "teacher" or run.info.status != "FINISHED":
+        return None
+    try:
+        if client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'"):
+            return None
+    except MlflowException:  # no such registered model yet
+        pass
+    return register_teacher(client, run.info.run_id, spec, run.data.metrics.get("best_test_acc", float("nan")))
 
 
 def teacher_run_id(client: MlflowClient, dataset: str, model: str, seed: int) -> str | None:

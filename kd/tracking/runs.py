@@ -34,6 +34,10 @@ class RunRefused(SpecError):
 class AlreadyFinished(RunRefused):
     """The spec's run is FINISHED: nothing to do (not an error for cron-driven submitters)."""
 
+    def __init__(self, message: str, run: Run, spec: RunSpec) -> None:
+        super().__init__(message)
+        self.run, self.spec = run, spec
+
 
 def spec_tags(spec: RunSpec) -> dict[str, str]:
     """The searchable identity of a run (ARCHITECTURE.md contract 2)."""
@@ -167,7 +171,8 @@ class RunTracker:
         if latest is not None and latest.info.status == "FINISHED" and not force:
             raise AlreadyFinished(
                 f"spec {spec.key()} already trained in run {latest.info.run_id} "
-                f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt"
+                f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt",
+                latest, spec,
             )
         if latest is not None and lease_is_live(latest):
             raise RunRefused(
