@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,35 @@ def test_factor_transfer_pretrains_once_and_a_resumed_run_skips_it(store):
     (run,) = client.search_runs([exp.experiment_id], "tags.`kd.method` = 'factor_transfer'")
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "paraphraser_loss")) == [1, 2]
+
+
+def test_sigterm_during_pretraining_kills_the_run_and_the_resume_logs_each_step_once(store):
+    """A walltime SIGTERM can land in factor transfer's pre-training: the run ends KILLED (exit 143),
+    not RUNNING, and its resume pre-trains again without logging a pre-training step twice."""
+    base = ("--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--device", "cpu")
+    assert run_kd("train", *base, "--model", "ResNet8", "--role", "teacher").returncode == 0
+    ft = ("distill", *base, "--teacher", "ResNet8", "--student", "ResNet8", "--method", "factor_transfer",
+          "--ft-pretrain-epochs", "40")
+    job = subprocess.Popen([sys.executable, "-m", "kd.cli", *ft], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    client = MlflowClient()
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None:
+        runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id],
+                                  "tags.`kd.method` = 'factor_transfer'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "paraphraser_loss"):
+            break
+        time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(60) == 143, job.stderr.read()
+    (run,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id],
+                                "tags.`kd.method` = 'factor_transfer'")
+    assert run.info.status == "KILLED" and "pre-training" in job.stderr.read()
+    assert len(client.get_metric_history(run.info.run_id, "paraphraser_loss")) < 40
+    resumed = run_kd(*ft)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "paraphraser_loss"))
+    assert steps == list(range(1, 41)) and client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def test_distill_entry_point_nst_quarter_alpha_finishes_on_digits(store):

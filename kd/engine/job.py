@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,11 @@ def run_specs(
                 students[-1].tag("kd.step_mode", mode)
                 students[-1].tag("kd.compile", compiled.ON if compile else compiled.OFF)
                 students[-1].tag("kd.precision", amp.name)
-            for student in students:
-                pretrain_once(student, teacher, data)
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
+                    for student in students:
+                        pretrain_once(student, teacher, data, should_stop)
                     trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
                     trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
                                             compiled.CompiledForwards(compile), collapse_after)
@@ -250,8 +251,12 @@ def make_student(spec: RunSpec, tracker: RunTracker, model: torch.nn.Module, met
     return student
 
 
-def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData) -> None:
-    """Run a method's pre-training stage once per run; a resumed run restores it from the artifact."""
+def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
+                  should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Run a method's pre-training stage once per run; a resumed run restores it from the artifact.
+
+    A SIGTERM stops it between batches (the run is KILLED; its resume pre-trains again, drawing the
+    same batches, so the steps MLflow already has are not logged twice)."""
     artifact, module = s.method.pretrain_artifact, s.method.pretrained_module()
     if artifact is None or module is None or s.epoch > 0 or s.batch > 0:
         return  # nothing to pre-train, or the checkpoint already holds it
@@ -262,10 +267,16 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData)
     epochs = iter(range(-1, -(10**9), -1))  # pre-training epochs draw from their own seeds
 
     def batches() -> Any:
-        return data.train_batches(next(epochs), s.spec.batch_size)
+        for batch in data.train_batches(next(epochs), s.spec.batch_size):
+            if should_stop():
+                raise Stopped(f"stopped during the pre-training of method '{s.spec.method}'")
+            yield batch
+
+    logged: dict[str, set[int]] = {}
 
     def log_metric(key: str, value: float, step: int) -> None:
-        s.tracker.client.log_metric(s.tracker.run_id, key, value, step=step)
+        if step not in logged.setdefault(key, s.tracker.logged_steps(key)):
+            s.tracker.client.log_metric(s.tracker.run_id, key, value, step=step)
 
     if s.method.pretrain(teacher, batches, log_metric):
         path = s.checkpoints.dir / artifact
