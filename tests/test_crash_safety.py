@@ -21,6 +21,7 @@ from kd.engine.trainer import TrainingDiverged
 from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
 from kd.spec import RunSpec
+from kd.tracking.runs import AlreadyFinished
 from tests.conftest import mlflow_run, run_kd
 
 
@@ -238,6 +239,18 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     # the same pack with the watch off trains both to the end
     [_, watched_off] = run_specs(pack, experiment="off", device="cpu", progress=False, collapse_after=0)
     assert [s for s, _ in history(watched_off.run_id, "test_acc")] == [1, 2, 3, 4]
+
+
+def test_a_refused_spec_releases_the_runs_its_pack_claimed(teacher):
+    """The pack's second spec is FINISHED already: the first, claimed a moment before, must not stay
+    RUNNING (held until its lease goes stale) but be KILLED, which the submitter resubmits."""
+    done = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=2, batch_size=64)
+    new = RunSpec.create(dataset="digits", model="ResNet20", role="teacher", epochs=2, batch_size=64)
+    with pytest.raises(AlreadyFinished):
+        run_specs([new, done], device="cpu", progress=False)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id], "tags.`kd.model` = 'ResNet20'")
+    assert run.info.status == "KILLED" and "another run of its pack was refused" in run.data.tags["kd.error"]
 
 
 def test_an_exception_marks_the_run_failed(teacher):

@@ -167,8 +167,7 @@ def run_specs(
         if taught:
             teacher, source = load_teacher(client, taught[0], data, dev, tmp)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
-        trackers = [RunTracker.open(s, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
-                    for s in specs]
+        trackers = open_runs(specs, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
         students: list[Student] = []
         trainer: Trainer | None = None
         modes = fast.step_modes(dev, specs)
@@ -211,6 +210,20 @@ def run_specs(
         others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
         raise TrainingDiverged(f"{first}{others}")
     return outcomes
+
+
+def open_runs(specs: list[RunSpec], experiment: str, **how: Any) -> list[RunTracker]:
+    """Every spec's run, claimed; if one is refused (finished, or trained elsewhere), the runs
+    claimed before it are released as KILLED, so that the submitter resubmits them."""
+    trackers: list[RunTracker] = []
+    try:
+        for spec in specs:
+            trackers.append(RunTracker.open(spec, experiment, **how))
+    except BaseException as err:
+        for t in trackers:
+            t.end("KILLED", f"not trained: another run of its pack was refused ({err})")
+        raise
+    return trackers
 
 
 def build_parts(spec: RunSpec, data: DeviceData, device: torch.device) -> tuple[torch.nn.Module, Method, str | None]:
