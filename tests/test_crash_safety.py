@@ -224,7 +224,7 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     untrained = tmp_path / "untrained.pth"
     torch.save({"weights": create_model("ResNet8", 10, 1, 8).state_dict()}, untrained)
     pack = pure_and({"method": "logit", "alpha": 1.0, "teacher_weights": str(untrained)}, epochs=4)
-    with pytest.raises(TrainingDiverged, match=r"collapsed: method 'logit' stayed at \d+\.\d\d % test accuracy or "
+    with pytest.raises(TrainingDiverged, match=r"collapsed: method 'logit' stayed at \d+\.\d\d % test_acc or "
                                                r"less for 2 epochs \(epoch 2\), below 2x chance \(10\.00 %\); "
                                                r"stopped \(--collapse-after 0 trains on regardless\)"):
         run_specs(pack, device="cpu", progress=False, collapse_after=2)
@@ -239,6 +239,10 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     # the same pack with the watch off trains both to the end
     [_, watched_off] = run_specs(pack, experiment="off", device="cpu", progress=False, collapse_after=0)
     assert [s for s, _ in history(watched_off.run_id, "test_acc")] == [1, 2, 3, 4]
+    # with a validation split (tuning) the watch reads it: the test set never decides a trial
+    with pytest.raises(TrainingDiverged, match=r"stayed at \d+\.\d\d % val_acc or less for 2 epochs"):
+        run_specs([pack[1].replace(val_fraction=0.2)], experiment="val", device="cpu", progress=False,
+                  collapse_after=2)
 
 
 def test_a_refused_spec_releases_the_runs_its_pack_claimed(teacher):

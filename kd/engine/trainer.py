@@ -340,15 +340,17 @@ class Trainer:
         s.sums["seen"] += n
 
     def collapsed(self, s: Student, epoch: int) -> TrainingDiverged | None:
-        """Not learning: no test accuracy of the last `collapse_after` epochs reached COLLAPSE_FACTOR x
-        chance (the beta RKD runs sat at chance for 150 epochs and nobody was told)."""
+        """Not learning: no accuracy of the last `collapse_after` epochs reached COLLAPSE_FACTOR x chance
+        (the beta RKD runs sat at chance for 150 epochs and nobody was told). Measured on the
+        validation split where there is one, so that the test set never decides a tuning trial."""
         window = self.collapse_after
-        recent = s.history["test_acc"][-window:]
+        split = "val_acc" if len(self.data.val) else "test_acc"
+        recent = s.history[split][-window:]
         chance = 100.0 / self.data.num_classes
         if not window or epoch < window or max(recent) >= COLLAPSE_FACTOR * chance:
             return None
         return TrainingDiverged(
-            f"collapsed: method '{s.spec.method}' stayed at {max(recent):.2f} % test accuracy or less for "
+            f"collapsed: method '{s.spec.method}' stayed at {max(recent):.2f} % {split} or less for "
             f"{window} epochs (epoch {epoch}), below {COLLAPSE_FACTOR:g}x chance ({chance:.2f} %); "
             f"stopped (--collapse-after 0 trains on regardless)")
 
