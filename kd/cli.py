@@ -41,8 +41,18 @@ def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
     return lambda text: None if text in ("", "None", "none") else text
 
 
-def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """One flag per RunSpec field, plus one per method option (names as in `kd methods`)."""
+# What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
+TRAIN_DEFAULTS = {"role": "teacher", "model": "ResNet112 for a teacher, ResNet56 for a pure student"}
+DISTILL_DEFAULTS = {"teacher": "ResNet112", "method": "logit"}
+# Defaults that depend on the method, as --help states them.
+DEPENDENT_DEFAULTS = {"alpha": "0.5 with a teacher, 0 for pure runs",
+                      "label_smoothing": "0.1 for pure runs, 0 with a teacher"}
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                   defaults: dict[str, Any] | None = None) -> None:
+    """One flag per RunSpec field, plus one per method option (names as in `kd methods`);
+    `defaults`: the command's own, shown in --help instead of RunSpec's."""
     from kd.methods import METHODS
 
     group = parser.add_argument_group("run spec (defaults: the Charlie recipe)")
@@ -50,8 +60,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()
         if f.name in NOT_FLAGS | skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = (defaults or {}).get(f.name, DEPENDENT_DEFAULTS.get(f.name, default))
         group.add_argument(*_flag(f.name), dest=f.name, type=_parser_for(f.name, default), default=None,
-                           help=f"default: {default if default not in (None, ()) else 'see docs'}")
+                           help=f"default: {shown if shown not in (None, ()) else 'none'}")
     options = parser.add_argument_group("method options (see `kd methods`)")
     seen: set[str] = set()
     for method in METHODS.values():
@@ -102,12 +113,13 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, {"role": "teacher"}, method="pure")
+    teacher = (args.role or TRAIN_DEFAULTS["role"]) == "teacher"
+    spec = spec_from_args(args, {"role": "teacher", "model": "ResNet112" if teacher else "ResNet56"}, method="pure")
     return train_and_report([spec], args)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, {"teacher": "ResNet112"}, model=args.student, role="student")
+    spec = spec_from_args(args, DISTILL_DEFAULTS, model=args.student, role="student")
     return train_and_report([spec], args)
 
 
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a teacher or a pure student (no distillation)")
-    add_spec_flags(p, skip={"method", "teacher", "alpha", "teacher_weights"})
+    add_spec_flags(p, skip={"method", "teacher", "alpha", "teacher_weights"}, defaults=TRAIN_DEFAULTS)
     p.add_argument("--teacher-weights", "--teacher_weights", dest="init_weights", default=None,
                    help="the same as --init-weights: a timm ViT-Tiny state_dict file, or 'timm' for the hub")
     add_preset_flag(p)
@@ -201,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train a student from a registered teacher")
-    add_spec_flags(p, skip={"model", "role", "init_weights"})
+    add_spec_flags(p, skip={"model", "role", "init_weights"}, defaults=DISTILL_DEFAULTS)
     p.add_argument("--student", default=None, help="student model (default ResNet56)")
     add_preset_flag(p)
     add_run_flags(p)

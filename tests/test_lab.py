@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import huggingface_hub.constants
 import pytest
@@ -270,3 +271,20 @@ def test_what_cannot_apply_stops_before_any_run(store, tmp_path) -> None:
     with pytest.raises(SpecError, match="not a ViT"):
         run_specs([lab_spec("cnn-teacher", init_weights=str(imagenet))], **RUN)
     assert no_runs()
+
+
+def test_train_and_distill_fill_their_own_defaults_and_help_states_them(parsed, capsys):
+    """`kd train` is a ResNet-112 teacher, `kd train --role student` a ResNet-56 pure student, and
+    `kd distill` a logit KD ResNet-56 from ResNet-112 at alpha 0.5, as each --help says."""
+    teacher, pure, student = parsed("train"), parsed("train", "--role", "student"), parsed("distill")
+    assert (teacher.model, teacher.role, teacher.label_smoothing) == ("ResNet112", "teacher", 0.1)
+    assert (pure.model, pure.role, pure.method) == ("ResNet56", "student", "pure")
+    assert (student.model, student.teacher, student.method, student.alpha, student.label_smoothing) == (
+        "ResNet56", "ResNet112", "logit", 0.5, 0.0)
+    for command, shown in (("train", [r"--role ROLE\s+default: teacher"]),
+                           ("distill", [r"--method METHOD\s+default: logit", r"--teacher TEACHER\s+default: ResNet112",
+                                        r"--alpha ALPHA\s+default: 0.5 with a teacher"])):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert all(re.search(pattern, out) for pattern in shown), out
