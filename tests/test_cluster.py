@@ -271,6 +271,13 @@ def test_injection_in_grid_values_is_rejected_in_one_line(store, tmp_path, capsy
         load_grid(write_grid(tmp_path / "evil.yaml", yaml.safe_dump(grid)))
 
 
+def test_a_venv_in_home_may_be_written_as_in_a_shell():
+    for written in ("~/kd-venv", "$HOME/kd-venv", "${HOME}/kd-venv"):
+        assert JobSettings.create({"venv": written}).venv == str(Path.home() / "kd-venv")
+    with pytest.raises(SpecError, match="rejected: it contains"):
+        JobSettings.create({"venv": "~alice/kd-venv"})  # another user's home: not expanded, rejected
+
+
 def test_values_with_spaces_are_quoted_and_work(tmp_path):
     """A venv and a work dir with spaces: the rendered script activates and cds into them."""
     venv, workdir = tmp_path / "my env", tmp_path / "work dir"

@@ -68,6 +68,7 @@ class JobSettings:
         modules = values.get("modules")
         if isinstance(modules, (str, list)):  # YAML gives a list, or one comma-separated string
             values = {**values, "modules": tuple(modules.split(",") if isinstance(modules, str) else modules)}
+        values = {k: home_expanded(v) if k in PATH_SETTINGS and isinstance(v, str) else v for k, v in values.items()}
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,18 @@ class JobSettings:
         return dataclasses.replace(self, workdir=workdir, data_root=data_root,
                                    venv=absolute(venv) if venv else None, conda_env=conda,
                                    jobs_dir=absolute(self.jobs_dir or default_jobs_dir()))
+
+
+PATH_SETTINGS = ("venv", "workdir", "data_root", "jobs_dir")
+
+
+def home_expanded(path: str) -> str:
+    """`~/kd-venv` and `$HOME/kd-venv` as the submitting user's home (shared by the nodes): the only
+    expansions a path setting gets; any other `~` or `$` is rejected as shell syntax."""
+    for home in ("$HOME", "${HOME}", "~"):
+        if path == home or path.startswith(home + "/"):
+            return str(Path.home()) + path[len(home):]
+    return path
 
 
 def default_jobs_dir() -> str:

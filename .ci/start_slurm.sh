@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a single-node Slurm 22.05 (with munge) on localhost by hand, no systemd.
 # Idempotent: when slurmctld and slurmd already run with this script's slurm.conf and the node is
-# usable, it does nothing. Needs root and the packages from ci/install_system.sh.
+# usable, it does nothing. Needs root and the packages from .ci/install_system.sh.
 #
 #
 # Observed on Debian 12, Slurm 22.05.8 with this config:
@@ -87,7 +87,7 @@ cpus=$(nproc)
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 
 new_conf=$(cat <<EOF
-# Written by ci/start_slurm.sh: a single-node CI cluster on localhost.
+# Written by .ci/start_slurm.sh: a single-node CI cluster on localhost.
 ClusterName=kdci
 SlurmctldHost=localhost
 SlurmUser=root
