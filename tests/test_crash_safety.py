@@ -245,6 +245,21 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
                   collapse_after=2)
 
 
+def test_a_resumed_student_keeps_the_teacher_it_started_with(teacher):
+    """The teacher is re-trained (--force) while a student's job is dead: the resumed student must go
+    on distilling from its first teacher, not switch mid-run to the alias's new version."""
+    client = MlflowClient()
+    first = client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id
+    assert run_kd(*STUDENT, env={"KD_CRASH_AT": "step:15"}).returncode == -signal.SIGKILL  # in epoch 2
+    assert run_kd(*TEACHER, "--force").returncode == 0
+    assert client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id != first
+    resumed = run_kd(*STUDENT)
+    assert resumed.returncode == 0, resumed.stderr
+    (run,) = runs_of("kd")
+    assert run.info.status == "FINISHED" and run.data.tags["kd.teacher_run"] == first
+    assert run.data.tags["kd.teacher_source"].endswith(f"(run {first})")
+
+
 def test_a_refused_spec_releases_the_runs_its_pack_claimed(teacher):
     """The pack's second spec is FINISHED already: the first, claimed a moment before, must not stay
     RUNNING (held until its lease goes stale) but be KILLED, which the submitter resubmits."""

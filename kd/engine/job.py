@@ -38,7 +38,7 @@ from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking.registry import register_teacher, resolve_teacher
-from kd.tracking.runs import RunTracker
+from kd.tracking.runs import RunTracker, runs_by_key
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
 
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
@@ -85,14 +85,25 @@ def output_shapes(model: torch.nn.Module, data: DeviceData) -> list[torch.Size]:
         return [o.shape[1:] for o in model(x)]
 
 
-def load_teacher(client: MlflowClient, spec: RunSpec, data: DeviceData, device: torch.device, tmp: Path):
-    path, source = resolve_teacher(client, spec, tmp)
+def load_teacher(client: MlflowClient, spec: RunSpec, data: DeviceData, device: torch.device, tmp: Path,
+                 experiment: str):
+    path, source, run_id = resolve_teacher(client, spec, tmp, started_with(client, spec, experiment))
     teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
     try:
         teacher.load_state_dict(load_weights_only(path)["weights"])
     except (KeyError, RuntimeError) as err:
         raise SpecError(f"teacher weights {path} do not fit {spec.teacher}: {str(err).splitlines()[0]}") from None
-    return teacher.to(device).eval().requires_grad_(False), source
+    return teacher.to(device).eval().requires_grad_(False), source, run_id
+
+
+def started_with(client: MlflowClient, spec: RunSpec, experiment: str) -> str | None:
+    """The teacher run an unfinished run of this spec started with (None for a new run)."""
+    if client.get_experiment_by_name(experiment) is None:
+        return None
+    runs = runs_by_key(client, spec.key(), experiment)
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    return runs[0].data.tags.get("kd.teacher_run")
 
 
 @contextmanager
@@ -162,10 +173,10 @@ def run_specs(
         tmp = Path(tmp_name)
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
                           first.train_limit)
-        teacher, source = (None, None)
+        teacher, source, teacher_run = (None, None, None)
         taught = [s for s in specs if s.teacher or s.teacher_weights]
         if taught:
-            teacher, source = load_teacher(client, taught[0], data, dev, tmp)
+            teacher, source, teacher_run = load_teacher(client, taught[0], data, dev, tmp, experiment)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         trackers = open_runs(specs, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
         students: list[Student] = []
@@ -175,6 +186,8 @@ def run_specs(
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:
                     tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
+                    if teacher_run:  # from the registry: the teacher this student keeps after a resume
+                        tracker.client.set_tag(tracker.run_id, "kd.teacher_run", teacher_run)
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)

@@ -69,18 +69,22 @@ def teacher_run_id(client: MlflowClient, dataset: str, model: str, seed: int) ->
         return None
 
 
-def resolve_teacher(client: MlflowClient, spec: RunSpec, dst: Path) -> tuple[Path, str]:
-    """A student's teacher weights: `--teacher-weights` if given, else the registry alias.
+def resolve_teacher(client: MlflowClient, spec: RunSpec, dst: Path,
+                    pinned_run: str | None = None) -> tuple[Path, str, str | None]:
+    """A student's teacher weights: `--teacher-weights` if given, else the registry alias, or, for
+    a student resumed, the teacher run it started with (`pinned_run`, its tag `kd.teacher_run`):
+    a teacher re-trained meanwhile (`--force`) must not change a student mid-run.
 
-    Returns the local best.pth and where it came from (logged as the tag `kd.teacher_source`).
+    Returns the local best.pth, where it came from (the tag `kd.teacher_source`) and the teacher's
+    run, if from the registry (the tag `kd.teacher_run`).
     """
     if spec.teacher_weights:
         path = Path(spec.teacher_weights)
         if not path.is_file():
             raise MissingTeacher(f"--teacher-weights {path} does not exist: pass the path of a best.pth")
-        return path, str(path)
-    run_id = teacher_run_id(client, spec.dataset, spec.teacher, spec.seed)
+        return path, str(path), None
     uri = teacher_uri(spec.dataset, spec.teacher, spec.seed)
+    run_id = pinned_run or teacher_run_id(client, spec.dataset, spec.teacher, spec.seed)
     if run_id is None:
         raise MissingTeacher(f"no registered teacher {uri}: train it first with `{spec.teacher_spec_hint()}`")
-    return Path(client.download_artifacts(run_id, "best.pth", str(dst))), f"{uri} (run {run_id})"
+    return Path(client.download_artifacts(run_id, "best.pth", str(dst))), f"{uri} (run {run_id})", run_id
