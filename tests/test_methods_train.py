@@ -56,20 +56,15 @@ DATASETS = {  # dataset: (common spec fields, teacher model, minimum accuracy, A
 }
 
 
-# On 2 CPU cores a Fashion-MNIST epoch per student costs what a whole digits run does: there the
-# pack is the pure student, logit KD and RKD at its most fragile alpha; digits runs every method.
-FASHION_CASES = [("logit", 0.5, {}), ("rkd", 0.95, {})]
-
 
 def students(dataset: str) -> list[RunSpec]:
     common, teacher, _, at_weight = DATASETS[dataset]
-    cases = CASES if dataset == "digits" else FASHION_CASES
     pure = RunSpec.create(model="ResNet8", role="student", **common)
     kd = [
         RunSpec.create(model="ResNet8", teacher=teacher, method=method, alpha=alpha,
                        options={**options, **({"at_weight": at_weight} if method == "attention_transfer" else {})},
                        **common)
-        for method, alpha, options in cases
+        for method, alpha, options in CASES
     ]
     return [pure, *kd]
 
