@@ -197,7 +197,9 @@ def cmd_list(kind: str) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kd.demo import run_demo
 
-    return run_demo(experiment=args.experiment, device=args.device, epochs=args.epochs)
+    attach = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run -e demo`
+    experiment = attached_experiment(attach) if attach else args.experiment
+    return run_demo(experiment=experiment, device=args.device, epochs=args.epochs, parent_run_id=attach)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,19 +34,25 @@ def best_acc(spec: RunSpec, experiment: str) -> tuple[float, str] | None:
     return None
 
 
-def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None = None) -> int:
+def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None = None,
+             parent_run_id: str | None = None) -> int:
+    """`parent_run_id`: the run `mlflow run -e demo` created; the three runs nest under it, and it
+    keeps the table as `demo.md`."""
     print(f"kd demo: tracking store {tracking_uri()}, experiment '{experiment}'")
+    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     rows = []
     for label, spec in demo_specs(epochs or DEMO_EPOCHS).items():
         done = best_acc(spec, experiment)
         if done is None:
-            outcome = run_specs([spec], experiment=experiment, device=device)[0]
+            outcome = run_specs([spec], experiment=experiment, device=device, extra_tags=nested)[0]
             done = outcome.best_acc, outcome.run_id
         else:
             print(f"{label}: reusing finished run {done[1]}")
         rows.append((label, *done))
-    print("\n| run | best test accuracy | MLflow run |\n|---|---:|---|")
-    for label, acc, run_id in rows:
-        print(f"| {label} | {acc:.2f} % | {run_id} |")
-    print(f"\nOpen the MLflow UI: {ui_command()}  (then http://127.0.0.1:5000)")
+    table = "| run | best test accuracy | MLflow run |\n|---|---:|---|\n" + "".join(
+        f"| {label} | {acc:.2f} % | {run_id} |\n" for label, acc, run_id in rows)
+    print("\n" + table)
+    if parent_run_id:
+        get_client().log_text(parent_run_id, table, "demo.md")
+    print(f"Open the MLflow UI: {ui_command()}  (then http://127.0.0.1:5000)")
     return 0

@@ -90,6 +90,19 @@ def test_finished_spec_is_not_retrained_and_force_starts_a_new_attempt(store):
     assert len(versions) == 2 and alias_run == max(runs, key=lambda r: r.info.start_time).info.run_id
 
 
+def test_mlflow_run_demo_nests_its_runs_under_the_run_it_created(store):
+    done = mlflow_run("demo", epochs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    [parent] = [r for r in runs if "kd.key" not in r.data.tags]  # mlflow's own run holds no spec
+    children = [r for r in runs if "kd.key" in r.data.tags]
+    assert len(children) == 3 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    table = client.download_artifacts(parent.info.run_id, "demo.md")
+    assert all(r.info.run_id in open(table).read() for r in children)
+
+
 def test_demo_prints_the_table_and_the_ui_command(store):
     done = run_kd("demo", "--epochs", "2", "--device", "cpu")
     assert done.returncode == 0, done.stderr
