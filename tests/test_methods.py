@@ -105,21 +105,25 @@ def test_factor_transfer_loss_is_l1_of_normalised_factors(shape):
     assert ft_loss(a, b).item() == pytest.approx(direct / a.numel(), rel=1e-5)
 
 
-@pytest.mark.parametrize("n, dim", [(5, 3), (4, 7), (2, 2)])
-def test_rkd_losses_match_loops_over_pairs_and_triplets(n, dim):
+@pytest.mark.parametrize("n, dim, repeated", [(5, 3, False), (4, 7, False), (2, 2, False), (6, 3, True)])
+def test_rkd_losses_match_loops_over_pairs_and_triplets(n, dim, repeated):
+    """`repeated`: the last sample repeats the first in both networks (a batch with one image twice):
+    the distance scale is the mean over distinct pairs, d[d > 0].mean() as in the authors' code."""
     s, t = torch.randn(n, dim), torch.randn(n, dim)
+    if repeated:
+        s[-1], t[-1] = s[0], t[0]
 
     def distances(e):
         d = torch.tensor([[(e[i] - e[j]).norm().item() for j in range(n)] for i in range(n)])
-        return d / (d.sum() / (n * (n - 1)))
+        return d / d[d > 0].mean()
 
     def cosines(e):
         out = torch.zeros(n, n, n)
         for i in range(n):
             for j in range(n):
                 for k in range(n):
-                    if i != j and k != j:
-                        a, b = e[i] - e[j], e[k] - e[j]
+                    a, b = e[i] - e[j], e[k] - e[j]
+                    if a.norm() > 0 and b.norm() > 0:  # i = j, k = j or a repeated sample: cos 0
                         out[i, j, k] = a.dot(b) / (a.norm() * b.norm())
         return out
 

@@ -1,8 +1,9 @@
 """Relational knowledge distillation (Park, Kim, Lu, Cho 2019, "Relational Knowledge Distillation").
 
 On the pooled embeddings e (global average pool of the last stage) of a batch:
-- distance: pairwise Euclidean distances, each divided by the mean off-diagonal distance of its
-  own network, compared with the Huber (smooth L1) loss;
+- distance: pairwise Euclidean distances, each divided by the mean distance between distinct
+  samples of its own network (the authors' `d[d > 0].mean()`), compared with the Huber (smooth
+  L1) loss;
 - angle: cos of the angle at e_j between (e_i - e_j) and (e_k - e_j) for every triplet (i, j, k),
   compared with the Huber loss; degenerate triplets (i = j or k = j) count as cos 0
   on both sides, as in the authors' code.
@@ -32,10 +33,11 @@ def pairwise_distances(e: Tensor) -> Tensor:
 
 
 def normalised_distances(e: Tensor) -> Tensor:
-    """Distances divided by their mean over the N(N-1) off-diagonal pairs."""
-    n = e.shape[0]
+    """Distances divided by their mean over the pairs of distinct samples (`d[d > 0].mean()` in the
+    authors' code), as mask arithmetic: no data-dependent shape, so a CUDA graph can capture it."""
     d = pairwise_distances(e)
-    return d / (d.sum() / max(n * (n - 1), 1)).clamp_min(EPS)
+    distinct = (d > EPS**0.5).to(d.dtype)  # identical samples sit at exactly sqrt(EPS), the diagonal at 0
+    return d / ((d * distinct).sum() / distinct.sum().clamp_min(1)).clamp_min(EPS)
 
 
 def triplet_cosines(e: Tensor) -> Tensor:
