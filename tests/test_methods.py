@@ -4,6 +4,7 @@ gradients go, finite gradients on degenerate input under autocast, and the real 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -103,6 +104,19 @@ def test_factor_transfer_loss_is_l1_of_normalised_factors(shape):
     for x, y in zip(a, b, strict=True):
         direct += (x.flatten() / x.norm() - y.flatten() / y.norm()).abs().sum().item()
     assert ft_loss(a, b).item() == pytest.approx(direct / a.numel(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "classes", "temperature"), [(1, 3, 4.0), (5, 10, 4.0), (8, 100, 1.0)])
+def test_kd_loss_is_hinton_by_hand(batch, classes, temperature):
+    """T^2 * mean over samples of sum_c p_t log(p_t / p_s), softmaxes written out by hand."""
+    s, t = torch.randn(batch, classes) * 3, torch.randn(batch, classes) * 3
+    total = 0.0
+    for s_row, t_row in zip(s.double().tolist(), t.double().tolist(), strict=True):
+        p_s = [math.exp(v / temperature) for v in s_row]
+        p_t = [math.exp(v / temperature) for v in t_row]
+        p_s, p_t = [v / sum(p_s) for v in p_s], [v / sum(p_t) for v in p_t]
+        total += sum(q * math.log(q / p) for p, q in zip(p_s, p_t, strict=True))
+    assert kd_loss(s, t, temperature).item() == pytest.approx(temperature**2 * total / batch, rel=1e-4)
 
 
 @pytest.mark.parametrize("n, dim, repeated", [(5, 3, False), (4, 7, False), (2, 2, False), (6, 3, True)])
