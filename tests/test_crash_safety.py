@@ -63,19 +63,8 @@ def teacher(store):
     return store
 
 
-def test_kill_9_anywhere_resumes_bit_identical(teacher, tmp_path):
-    reference = run_kd(*STUDENT, "--experiment", "reference")
-    assert reference.returncode == 0, reference.stderr
-    rng = random.Random(20261122)
-    points = list(CRASH_POINTS) + ["step"]
-    rng.shuffle(points)
-    for point in points:
-        n = rng.randint(1, CRASH_POINTS[point])
-        crashed = run_kd(*STUDENT, "--experiment", "crashed", env={"KD_CRASH_AT": f"{point}:{n}"})
-        assert crashed.returncode == -signal.SIGKILL, (point, n, crashed.stdout, crashed.stderr)
-    last = run_kd(*STUDENT, "--experiment", "crashed")
-    assert last.returncode == 0, last.stderr
-    (ref,), (run,) = runs_of("reference"), runs_of("crashed")
+def assert_same_as_reference(run, ref, tmp_path: Path) -> None:
+    """Every metric of every epoch, and the final weights, equal the uninterrupted run's."""
     assert run.info.status == "FINISHED"
     keys = set(ref.data.metrics) - {"epoch_time"} - {k for k in ref.data.metrics if k.startswith("system/")}
     assert set(run.data.metrics) >= keys
@@ -87,6 +76,43 @@ def test_kill_9_anywhere_resumes_bit_identical(teacher, tmp_path):
     assert steps == [1, 2, 3, 4]
     a, b = final_weights(ref.info.run_id, tmp_path / "a"), final_weights(run.info.run_id, tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def reference(teacher):
+    """The student trained without interruption, in the experiment `reference`."""
+    done = run_kd(*STUDENT, "--experiment", "reference")
+    assert done.returncode == 0, done.stderr
+    (ref,) = runs_of("reference")
+    return ref
+
+
+def test_kill_9_anywhere_resumes_bit_identical(reference, tmp_path):
+    rng = random.Random(20261122)
+    points = list(CRASH_POINTS) + ["step"]
+    rng.shuffle(points)
+    for point in points:
+        n = rng.randint(1, CRASH_POINTS[point])
+        crashed = run_kd(*STUDENT, "--experiment", "crashed", env={"KD_CRASH_AT": f"{point}:{n}"})
+        assert crashed.returncode == -signal.SIGKILL, (point, n, crashed.stdout, crashed.stderr)
+    last = run_kd(*STUDENT, "--experiment", "crashed")
+    assert last.returncode == 0, last.stderr
+    (run,) = runs_of("crashed")
+    assert_same_as_reference(run, reference, tmp_path)
+
+
+def test_sigterm_mid_epoch_resumes_bit_identical(reference, tmp_path):
+    """A walltime SIGTERM in epoch 2 (step 15 of 40): the mid-epoch checkpoint resumes at that batch,
+    with the same batches, RNG and sums, to the uninterrupted run's metrics and weights."""
+    stopped = run_kd(*STUDENT, "--experiment", "stopped", env={"KD_CRASH_AT": "step:15:term"})
+    assert stopped.returncode == 143, stopped.stderr
+    (run,) = runs_of("stopped")
+    assert run.info.status == "KILLED"
+    resumed = run_kd(*STUDENT, "--experiment", "stopped")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch 1, batch 5" in resumed.stdout
+    (run,) = runs_of("stopped")
+    assert_same_as_reference(run, reference, tmp_path)
 
 
 def artifact_path(run_id: str, artifact: str) -> Path:

@@ -1,5 +1,6 @@
 """Crash points for the crash-safety tests: `KD_CRASH_AT=point:n` kills the process with SIGKILL
-the n-th time it reaches `point` (1-based), exactly as a node failure would, mid-operation.
+the n-th time it reaches `point` (1-based), exactly as a node failure would, mid-operation;
+`KD_CRASH_AT=point:n:term` sends SIGTERM instead, as a walltime or `qdel` does.
 
 Points: `step` (after an optimiser step), `eval` (inside evaluation), `checkpoint_write` (half
 a checkpoint file written), `checkpoint_upload` (between the two artifact uploads),
@@ -19,9 +20,10 @@ def crash_point(point: str) -> None:
     target = os.environ.get("KD_CRASH_AT")
     if not target:
         return
-    name, _, count = target.partition(":")
+    name, _, rest = target.partition(":")
     if name != point:
         return
+    count, _, how = rest.partition(":")
     _reached[point] += 1
     if _reached[point] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
