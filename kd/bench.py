@@ -33,7 +33,7 @@ from kd.data.base import ImageData
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
 from kd.engine.job import build_parts, new_student, pick_device, seeded_build
-from kd.engine.trainer import Precision, Student, Trainer
+from kd.engine.trainer import Precision, Student, Trainer, set_cudnn_deterministic
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError, check_precision
 
@@ -132,7 +132,7 @@ def images_per_second(step: Callable[[], None], args: argparse.Namespace, device
 
 def reference(args: argparse.Namespace, images: ImageData, data: DeviceData, device: torch.device) -> dict[str, Any]:
     """The thesis-style loop: DataLoader + torchvision, fp32, deterministic, the eager step."""
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    set_cudnn_deterministic(True)
     precision = Precision(device, None)
     students, teacher = build(args, data, device, 1, precision, graphed=False)
     trainer = Trainer(students, data, teacher, precision, progress=False)
@@ -156,7 +156,7 @@ def engine(args: argparse.Namespace, data: DeviceData, device: torch.device, n: 
     """The suite's step on resident data: graphed where it applies, as `kd job` would train the pack
     (`compile`: with `kd job --compile`'s fused kernels; their compilation happens in the warm-up)."""
     if deterministic is not None:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+        set_cudnn_deterministic(deterministic)
     precision = Precision.for_device(device, args.precision)
     modes = fast.step_modes(device, specs_for(args, n))
     students, teacher = build(args, data, device, n, precision, graphed=fast.GRAPH in modes)

@@ -87,6 +87,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collapse-after", "--collapse_after", type=int, default=DEFAULT_COLLAPSE_AFTER,
                         help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
                              f"{COLLAPSE_FACTOR:g}x chance (default {DEFAULT_COLLAPSE_AFTER}; 0: never)")
+    parser.add_argument("--cudnn-deterministic", "--cudnn_deterministic", action=argparse.BooleanOptionalAction,
+                        default=True, help="deterministic cuDNN kernels (default on; off: ~10 %% faster, "
+                                           "not bit-reproducible)")
     parser.add_argument("--compile", action="store_true",
                         help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
@@ -135,7 +138,8 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     experiment = attached_experiment(attach) if attach else args.experiment
     try:
         outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
-                             compile=args.compile, collapse_after=args.collapse_after, force=args.force, attach_run_id=attach)
+                             compile=args.compile, collapse_after=args.collapse_after,
+                             cudnn_deterministic=args.cudnn_deterministic, force=args.force, attach_run_id=attach)
     except AlreadyFinished as done:
         print(done)
         repaired = register_if_missing(get_client(), done.run, done.spec)

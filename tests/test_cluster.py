@@ -92,8 +92,8 @@ def test_overrides_reach_specs_and_job_settings():
         load_grid("smoke", ["colour=blue"])
     with pytest.raises(SpecError, match="expected int"):
         load_grid("smoke", ["epochs=many"])
-    grid = load_grid("smoke", ["precision=fp16", "compile=true"])
-    assert grid.job.precision == "fp16" and grid.job.compile
+    grid = load_grid("smoke", ["precision=fp16", "compile=true", "cudnn_deterministic=false"])
+    assert grid.job.precision == "fp16" and grid.job.compile and not grid.job.cudnn_deterministic
     with pytest.raises(SpecError, match="unknown precision 'fp8': choose one of auto, fp32, bf16, fp16"):
         load_grid("smoke", ["precision=fp8"])
 

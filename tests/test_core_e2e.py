@@ -34,6 +34,8 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     run = students[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["kd.method"] == "logit" and run.data.tags["kd.alpha"] == "0.25"
+    assert (run.data.tags["kd.precision"], run.data.tags["kd.cudnn_deterministic"]) == ("fp32", "true")
+    assert (run.data.tags["kd.compile"], run.data.tags["kd.step_mode"]) == ("off", "eager: no CUDA device (cpu)")
     assert run.data.params["alpha"] == ".25" and run.data.params["temperature"] == "4"  # mlflow's record stays
     assert run.data.params["epochs"] == "3" and run.data.params["label_smoothing"] == "0.0"  # the spec's own
     assert run.data.tags["kd.teacher_source"].startswith(teacher_uri("digits", "ResNet8", 0))

@@ -125,7 +125,8 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
         first = job[0].spec.name()
         command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], "--device", settings.device,
                    "--precision", settings.precision, "--collapse-after", str(settings.collapse_after),
-                   *(["--compile"] if settings.compile else [])]
+                   *(["--compile"] if settings.compile else []),
+                   *([] if settings.cudnn_deterministic else ["--no-cudnn-deterministic"])]
         name = f"kd-{first}" + (f"+{len(job) - 1}" if len(job) > 1 else "")
         job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / grid, f"{first}.{run_ids[0][:8]}",
                                        name, command)

@@ -58,6 +58,7 @@ class JobSettings:
     precision: str = "auto"  # kd job --precision: auto is bf16 on recent GPUs, fp16 on a V100
     compile: bool = False  # kd job --compile: fused kernels (docs/performance.md)
     collapse_after: int = DEFAULT_COLLAPSE_AFTER  # kd job --collapse-after: epochs at chance before FAILED
+    cudnn_deterministic: bool = True  # false: kd job --no-cudnn-deterministic
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> JobSettings:

@@ -32,6 +32,7 @@ from kd.engine.trainer import (
     TrainingDiverged,
     build_optimizer,
     build_scheduler,
+    set_cudnn_deterministic,
 )
 from kd.methods import Method, build_method
 from kd.models import create_model
@@ -144,6 +145,7 @@ def run_specs(
     precision: str = "auto",
     compile: bool = False,
     collapse_after: int = DEFAULT_COLLAPSE_AFTER,
+    cudnn_deterministic: bool = True,
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
@@ -167,7 +169,7 @@ def run_specs(
     dev = pick_device(device)
     check_precision(precision)
     amp = Precision.for_device(dev, precision)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    set_cudnn_deterministic(cudnn_deterministic)
     client = get_client()
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
         tmp = Path(tmp_name)
@@ -195,6 +197,7 @@ def run_specs(
                 students[-1].tag("kd.step_mode", mode)
                 students[-1].tag("kd.compile", compiled.ON if compile else compiled.OFF)
                 students[-1].tag("kd.precision", amp.name)
+                students[-1].tag("kd.cudnn_deterministic", str(cudnn_deterministic).lower())
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
