@@ -267,6 +267,8 @@ def test_a_grid_report_reads_the_grid_experiment(monkeypatch: pytest.MonkeyPatch
     assert cli.experiment_of(argparse.Namespace(experiment=None, grid="gone-grid")) == "gone-grid"
     assert cli.experiment_of(argparse.Namespace(experiment="mine", grid="charlie")) == "mine"
     assert cli.experiment_of(argparse.Namespace(experiment=None, grid=None)) == "kd"
+    assert cli.expected_seeds(argparse.Namespace(seeds=None, grid="charlie")) == [0, 1, 2]  # flags a missing seed
+    assert cli.expected_seeds(argparse.Namespace(seeds="0,1", grid="charlie")) == [0, 1]
 
 
 def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:

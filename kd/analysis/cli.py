@@ -11,9 +11,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kd.analysis import LEGACY_EXPERIMENT
 from kd.spec import SpecError
+
+if TYPE_CHECKING:
+    from kd.cluster.grids import Grid
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -36,19 +40,32 @@ def add_grid_and_experiment(parser: argparse.ArgumentParser, grid_help: str) -> 
     parser.add_argument("--grid", help=grid_help)
 
 
+def grid_of(args: argparse.Namespace) -> Grid | None:
+    """The --grid, if it is still a grid file (its runs' tag outlives the file)."""
+    from kd.cluster.grids import load_grid
+
+    try:
+        return load_grid(args.grid) if args.grid else None
+    except SpecError:
+        return None
+
+
 def experiment_of(args: argparse.Namespace) -> str:
     """--experiment; else the experiment a --grid's runs live in (the grid's, or its name for a grid
     that is no longer a file); else $MLFLOW_EXPERIMENT_NAME or kd."""
     if args.experiment:
         return args.experiment
     if args.grid:
-        from kd.cluster.grids import load_grid
-
-        try:
-            return load_grid(args.grid).experiment
-        except SpecError:
-            return args.grid
+        grid = grid_of(args)
+        return grid.experiment if grid else args.grid
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd")
+
+
+def expected_seeds(args: argparse.Namespace) -> list[int] | None:
+    """--seeds; else a --grid's seeds, so that a seed no job has reached yet is flagged missing."""
+    seeds = parse_seeds(args.seeds)
+    grid = grid_of(args) if seeds is None else None
+    return sorted({s.seed for s in grid.specs}) if grid else seeds
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -62,7 +79,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SpecError("--collapse-factor must be positive: pass e.g. --collapse-factor 2")
     client = get_client()
     args.experiment = experiment_of(args)
-    report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=parse_seeds(args.seeds),
+    report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=expected_seeds(args),
                           metric=args.metric, dataset=args.dataset, collapse_factor=factor)
     tags = {"kd.analysis_grid": args.grid} if args.grid else {}  # not kd.grid: it is no grid run
     run_id = log_analysis(client, args.experiment, "report", args.out, tags)
