@@ -42,11 +42,13 @@ def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
 
 
 # What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
-TRAIN_DEFAULTS = {"role": "teacher", "model": "ResNet112 for a teacher, ResNet56 for a pure student"}
-DISTILL_DEFAULTS = {"teacher": "ResNet112", "method": "logit"}
-# Defaults that depend on the method, as --help states them.
+TEACHER_MODEL, STUDENT_MODEL = "ResNet112", "ResNet56"
+TRAIN_DEFAULTS = {"role": "teacher"}
+DISTILL_DEFAULTS = {"teacher": TEACHER_MODEL, "method": "logit"}
+# Defaults that depend on other values, as --help states them.
 DEPENDENT_DEFAULTS = {"alpha": "0.5 with a teacher, 0 for pure runs",
-                      "label_smoothing": "0.1 for pure runs, 0 with a teacher"}
+                      "label_smoothing": "0.1 for pure runs, 0 with a teacher",
+                      "model": f"{TEACHER_MODEL} for a teacher, {STUDENT_MODEL} for a pure student"}
 
 
 def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
@@ -116,8 +118,9 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    teacher = (args.role or TRAIN_DEFAULTS["role"]) == "teacher"
-    spec = spec_from_args(args, {"role": "teacher", "model": "ResNet112" if teacher else "ResNet56"}, method="pure")
+    role = args.role or TRAIN_DEFAULTS["role"]
+    model = TEACHER_MODEL if role == "teacher" else STUDENT_MODEL
+    spec = spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
     return train_and_report([spec], args)
 
 

@@ -26,9 +26,9 @@ class SpecError(ValueError):
     """Bad user input: the message is one line naming the problem and the fix."""
 
 
-# A run whose best test accuracy stays below this many times chance (100 / classes) has collapsed:
-# the beta RKD runs ended at 18.13 % on CIFAR-10 (chance 10 %) and 1 % on CIFAR-100. The trainer
-# stops such a run after `--collapse-after` epochs; the analysis flags it in the tables.
+# A run whose accuracy stays below this many times chance (100 / classes) has collapsed: the beta
+# RKD runs ended at 18.13 % on CIFAR-10 (chance 10 %) and 1 % on CIFAR-100. The trainer stops such
+# a run after `--collapse-after` epochs; the analysis flags it in the tables (best accuracy).
 COLLAPSE_FACTOR = 2.0
 DEFAULT_COLLAPSE_AFTER = 10  # epochs; 0: never stop a run for not learning
 

@@ -232,8 +232,8 @@ class GraphedTrainer(Trainer):
         static_x.copy_(x)
         static_y.copy_(y)
         static_step.fill_(b + 1)
-        self.full_batch_forwards(static_x, static_y, self.capture_precision)  # compiled before warm-up, if asked
         if self.warmups_left:
+            self.full_batch_forwards(static_x, static_y, self.capture_precision)  # compiled first, if asked
             self.warmups_left -= 1
             with self.graphs.warmup(), self.tensor_lrs(graphed):
                 teacher_out = self.whole_step(graphed, epoch)
@@ -373,6 +373,6 @@ class GraphedTrainer(Trainer):
             s.optimizer.zero_grad(set_to_none=True)
             if s.scaler is not None:
                 s.scaler._per_optimizer_states.clear()  # what update() resets; a capture may stop midway
-            s.tag("kd.step_mode", self.failure)
+            s.tag({"kd.step_mode": self.failure})
         self.settle()
         print(f"kd: CUDA graph capture failed, training eagerly: {reason}", file=sys.stderr, flush=True)

@@ -158,8 +158,8 @@ def run_specs(
     `on_epoch(student, epoch, metrics)` runs after each logged epoch and may raise to stop
     (Optuna's pruning), which ends the runs as FAILED with the exception as `kd.error`.
     `compile`: fuse the models' kernels with torch.compile (`kd/engine/compiled.py`).
-    A student that diverges, or collapses (no test accuracy of `collapse_after` epochs in a row
-    reaches 2x chance; 0: never), ends FAILED at once while the rest of the pack trains on; the
+    A student that diverges, or collapses (no accuracy of `collapse_after` epochs in a row reaches
+    2x chance, on the validation split if there is one; 0: never), ends FAILED at once while the rest of the pack trains on; the
     first such error is raised once the others have finished.
     """
     if collapse_after < 0:
@@ -194,10 +194,8 @@ def run_specs(
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
                 students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
-                students[-1].tag("kd.step_mode", mode)
-                students[-1].tag("kd.compile", compiled.ON if compile else compiled.OFF)
-                students[-1].tag("kd.precision", amp.name)
-                students[-1].tag("kd.cudnn_deterministic", str(cudnn_deterministic).lower())
+                students[-1].tag({"kd.step_mode": mode, "kd.compile": compiled.ON if compile else compiled.OFF,
+                                  "kd.precision": amp.name, "kd.cudnn_deterministic": str(cudnn_deterministic).lower()})
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:

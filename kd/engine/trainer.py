@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mlflow.entities import RunTag
 from torch import Tensor, nn
 
 from kd.data.loader import DeviceData, Split
@@ -150,9 +151,10 @@ class Student:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    def tag(self, key: str, value: str) -> None:
+    def tag(self, tags: dict[str, str]) -> None:
+        """Tags on the run, in one request."""
         if self.tracker is not None:  # the bench's students have no run
-            self.tracker.client.set_tag(self.tracker.run_id, key, value)
+            self.tracker.client.log_batch(self.tracker.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def catch_up_metrics(self) -> None:
         """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""
@@ -320,7 +322,7 @@ class Trainer:
         self.forwards.prepare(self.teacher, [s.model for s in self.students], x, y, precision.autocast)
         if self.forwards.state != before:  # compilation failed: the runs say so
             for s in self.students:
-                s.tag("kd.compile", self.forwards.state)
+                s.tag({"kd.compile": self.forwards.state})
         return self.forwards
 
     def settle(self) -> None:

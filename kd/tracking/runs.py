@@ -93,14 +93,15 @@ def lease_is_live(run: Run, now: float | None = None) -> bool:
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
 
-def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None) -> None:
+def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None,
+               logged: dict[str, str] | None = None) -> None:
     """Params, identity tags and config.json: what makes an MLflow run the run of this spec.
 
-    A run `mlflow run` created already holds the `-P` values as the user typed them (`50`, `.25`,
-    `60,120`); MLflow refuses to change a param, so those stay, after a check that they mean the
-    spec's values.
+    `logged`: the params of a run `mlflow run` created, the `-P` values as the user typed them
+    (`50`, `.25`, `60,120`); MLflow refuses to change a param, so those stay, after a check that
+    they mean the spec's values.
     """
-    logged = client.get_run(run_id).data.params
+    logged = logged or {}
     for key, value in spec.params().items():
         if key in logged and not same_param(logged[key], value):
             raise SpecError(f"param {key} is {logged[key]!r} in run {run_id} but the spec has {value!r}: "
@@ -187,7 +188,7 @@ class RunTracker:
                 client.set_tag(attach_run_id, "kd.resumed_in", run_id)
         elif attach_run_id:
             run_id = attach_run_id
-            write_spec(client, run_id, spec, tags)
+            write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
         else:
             run_id = create_spec_run(client, spec, experiment, tags)
         tracker = cls(client, run_id, spec, owner_id(), resume)
