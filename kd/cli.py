@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
@@ -96,6 +97,16 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
+    add_tracking_flags(parser)
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--journal-dir", "--journal_dir", default=None,
+                        help="where runs keep their journals (default $KD_JOURNAL_DIR, else kd-journal/ beside "
+                             "a sqlite store or in the working directory)")
+    parser.add_argument("--sync-timeout", "--sync_timeout", type=float, default=None,
+                        help="seconds the end of a job waits for an away store before it exits with its runs "
+                             "unsynced, for kd sync (default 180)")
 
 
 def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any) -> RunSpec:
@@ -129,7 +140,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return train_and_report([spec], args)
 
 
-def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
+def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_runs: list[Path] | None = None) -> int:
     from kd.engine.job import run_specs
     from kd.tracking.registry import register_if_missing
     from kd.tracking.runs import AlreadyFinished
@@ -142,29 +153,57 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     try:
         outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
                              compile=args.compile, collapse_after=args.collapse_after,
-                             cudnn_deterministic=args.cudnn_deterministic, force=args.force, attach_run_id=attach)
+                             cudnn_deterministic=args.cudnn_deterministic, force=args.force, attach_run_id=attach,
+                             journal_dir=Path(args.journal_dir).absolute() if args.journal_dir else None,
+                             journal_runs=journal_runs, **sync_timeout(args))
     except AlreadyFinished as done:
         print(done)
-        repaired = register_if_missing(get_client(), done.run, done.spec)
+        repaired = register_if_missing(get_client(), done.run, done.spec) if done.run else None
         if repaired:
             print(f"registered {repaired}: the run had finished without its registry entry")
         return 0
     for o in outcomes:
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
-              + (f", registered {o.registered}" if o.registered else ""))
-    print(f"open the MLflow UI: {ui_command()}")
+              + (f", registered {o.registered}" if o.registered else "")
+              + (f", unsynced ({o.unsynced} records wait in its journal)" if o.unsynced else ""))
+    if not journal_runs:
+        print(f"open the MLflow UI: {ui_command()}")
     return 0
+
+
+def sync_timeout(args: argparse.Namespace) -> dict[str, float]:
+    return {} if args.sync_timeout is None else {"sync_timeout": args.sync_timeout}
 
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Train runs the submitter created: each run's config.json is its spec (a pack if several)."""
-    from kd.tracking.runs import read_config
+    from kd.tracking.runs import read_config, read_json
     from kd.tracking.store import get_client
 
+    if args.tracking == "journal":  # never opens the store: the submitter prepared each run's folder
+        if not args.journal_dir:
+            raise SpecError("kd job --tracking journal needs --journal-dir (the submitter passes it)")
+        folders = [Path(args.journal_dir).absolute() / run_id for run_id in args.run_id]
+        for folder in folders:
+            if not (folder / "config.json").exists():
+                raise SpecError(f"{folder / 'config.json'} is missing: submit the run again with kd submit")
+        specs = [RunSpec.from_dict(read_json(folder / "config.json")) for folder in folders]
+        return train_and_report(specs, args, journal_runs=folders)
     client = get_client()
     specs = [RunSpec.from_dict(read_config(client, run_id)) for run_id in args.run_id]
     args.experiment = attached_experiment(args.run_id[0])
     return train_and_report(specs, args)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Ship what journals hold and the store lacks (a job that ended while the store was away)."""
+    from kd.cluster.submit import submit_lock
+    from kd.tracking.journal import journal_root
+    from kd.tracking.sender import sync_journals
+
+    roots = [Path(p).absolute() for p in args.paths] or [journal_root()]
+    with submit_lock():
+        return 0 if sync_journals(roots) else 1
 
 
 def attached_experiment(run_id: str) -> str:
@@ -230,8 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("job", help="train submitted runs by id (what cluster job scripts call)")
     p.add_argument("--run-id", "--run_id", action="append", required=True, help="repeat for a pack of students")
+    p.add_argument("--tracking", choices=("direct", "journal"), default="direct",
+                   help="direct: ship the journal to the store while training (default); journal: never open "
+                        "the store, the submitter ingests the journal (docs/cluster.md)")
     add_run_flags(p)
     p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("sync", help="ship what run journals hold and the tracking store lacks")
+    p.add_argument("paths", nargs="*", help="journal folders, or folders of them (default: the journal root)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("demo", help="teacher, pure and KD student on digits, offline, in minutes")
     p.add_argument("--experiment", default="demo")

@@ -1,9 +1,10 @@
-"""Crash-safe checkpoints, kept as run artifacts so any node can resume the run.
+"""Crash-safe checkpoints in the run's journal folder, mirrored to the store's artifacts.
 
-A checkpoint is written to a temporary file, flushed and renamed, then uploaded twice over:
-first the previous good checkpoint as `checkpoint/previous.pth`, then the new one as
-`checkpoint/checkpoint.pth`. A kill during either upload leaves the other intact, so loading
-falls back to the previous one with a warning instead of an unpickling traceback.
+A checkpoint is written to a temporary file, fsynced and renamed over `checkpoint/checkpoint.pth`
+of the run's journal folder, after the one it replaces was kept as `checkpoint/previous.pth`; both
+are journal artifacts, so the sender mirrors them to the store. A resume reads the journal
+folder's copy first (no store needed) and the store's only when the folder is elsewhere (another
+node's scratch). A damaged newest file falls back to the previous one with a warning.
 """
 
 from __future__ import annotations
@@ -44,19 +45,20 @@ def load_weights_only(path: Path) -> dict[str, Any]:
 
 
 class CheckpointStore:
-    """The checkpoints of one run: a local working copy and the run's artifacts."""
+    """The checkpoints of one run, in its journal folder (`checkpoint/`) and mirrored to the store."""
 
-    def __init__(self, tracker: RunTracker, workdir: Path) -> None:
+    def __init__(self, tracker: RunTracker) -> None:
         self.tracker = tracker
-        self.dir = workdir / tracker.run_id / "checkpoint"
+        self.dir = tracker.journal.folder / "checkpoint"
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, state: dict[str, Any]) -> None:
         newest, previous = self.dir / "checkpoint.pth", self.dir / "previous.pth"
         if newest.exists():
-            shutil.copyfile(newest, previous)
+            tmp = previous.with_name(f".{previous.name}.tmp")
+            shutil.copyfile(newest, tmp)
+            os.replace(tmp, previous)
             self.tracker.log_file(previous, "checkpoint")
-            crash_point("checkpoint_upload")
         save_atomic(state, newest)
         self.tracker.log_file(newest, "checkpoint")
 
@@ -73,6 +75,7 @@ class CheckpointStore:
                 warnings.warn(f"checkpoint {artifact} of run {self.tracker.run_id} is unreadable ({err}); "
                               "falling back to the previous checkpoint", stacklevel=2)
                 continue
-            save_atomic(state, self.dir / "checkpoint.pth")  # the base of the next `previous`
+            if path != self.dir / "checkpoint.pth":
+                save_atomic(state, self.dir / "checkpoint.pth")  # the base of the next `previous`
             return state
         return None

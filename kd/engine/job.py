@@ -7,8 +7,8 @@ touched, so bad input leaves nothing half-written) -> find-or-create each spec's
 
 from __future__ import annotations
 
-import json
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
@@ -38,9 +39,14 @@ from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
-from kd.tracking.registry import register_teacher, resolve_teacher
-from kd.tracking.runs import RunTracker, runs_by_key
+from kd.tracking.journal import JournalError, journal_root, prune
+from kd.tracking.registry import resolve_teacher
+from kd.tracking.runs import RunTracker, read_json, runs_by_key
+from kd.tracking.sender import REGISTERED, Sender
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
+from kd.tracking.system import SystemSampler
+
+DEFAULT_SYNC_TIMEOUT_S = 180.0  # how long a job's end waits for an away store before exiting unsynced
 
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
@@ -52,6 +58,7 @@ class Outcome:
     best_acc: float
     final_acc: float
     registered: str | None = None
+    unsynced: int = 0  # records still in the journal when the job ended (the store was away)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -86,9 +93,9 @@ def output_shapes(model: torch.nn.Module, data: DeviceData) -> list[torch.Size]:
         return [o.shape[1:] for o in model(x)]
 
 
-def load_teacher(client: MlflowClient, spec: RunSpec, data: DeviceData, device: torch.device, tmp: Path,
-                 experiment: str):
-    path, source, run_id = resolve_teacher(client, spec, tmp, started_with(client, spec, experiment))
+def load_teacher(spec: RunSpec, data: DeviceData, device: torch.device, found: tuple[Path, str, str | None]):
+    """The frozen teacher from `found` = (weights file, where it came from, its run if registered)."""
+    path, source, run_id = found
     teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
     try:
         teacher.load_state_dict(load_weights_only(path)["weights"])
@@ -122,19 +129,21 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def system_metrics(trackers: list[RunTracker]):
-    """MLflow's CPU / GPU / memory sampling, into each run of the pack."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+def journal_teacher(folder: Path) -> tuple[Path, str, str | None]:
+    """A journal-only student's teacher: the weights the submitter put in its folder."""
+    path = folder / "teacher.pth"
+    if not path.exists():
+        raise SpecError(f"{path} is missing: journal-only students get their teacher from the submitter; "
+                        "submit them again with kd submit")
+    info = read_json(folder / "teacher.json")
+    return path, info["source"], info.get("run_id")
 
-    monitors = [SystemMetricsMonitor(t.run_id, resume_logging=t.resumed) for t in trackers]
-    for monitor in monitors:
-        monitor.start()
-    try:
-        yield
-    finally:
-        for monitor in monitors:
-            monitor.finish()
+
+def infrastructure_failure(err: BaseException) -> bool:
+    """The store, the filesystem or the scheduler stopped the run: it would not fail again, so it
+    ends KILLED (the next submit round resumes it), not FAILED."""
+    return isinstance(err, (OSError, MlflowException, JournalError)) or type(err).__module__.startswith(
+        ("requests", "urllib3", "sqlalchemy"))
 
 
 def run_specs(
@@ -151,6 +160,9 @@ def run_specs(
     progress: bool | None = None,
     extra_tags: dict[str, str] | None = None,
     on_epoch: EpochCallback | None = None,
+    journal_dir: Path | None = None,
+    journal_runs: list[Path] | None = None,
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT_S,
 ) -> list[Outcome]:
     """Train a pack of specs (usually one) to completion as MLflow runs.
 
@@ -161,6 +173,12 @@ def run_specs(
     A student that diverges, or collapses (no accuracy of `collapse_after` epochs in a row reaches
     2x chance, on the validation split if there is one; 0: never), ends FAILED at once while the rest of the pack trains on; the
     first such error is raised once the others have finished.
+
+    Tracking: by default each run is found or created in the store, and its journal (under
+    `journal_dir`, default kd/tracking/journal.py's root) is shipped by a background sender; the
+    end waits `sync_timeout` s for an away store, then returns with the runs unsynced.
+    `journal_runs`: journal-only mode, the folders the submitter prepared (specs are theirs):
+    the store is never opened.
     """
     if collapse_after < 0:
         raise SpecError(f"collapse_after {collapse_after} is negative: pass --collapse-after 0 (never) or more")
@@ -170,7 +188,9 @@ def run_specs(
     check_precision(precision)
     amp = Precision.for_device(dev, precision)
     set_cudnn_deterministic(cudnn_deterministic)
-    client = get_client()
+    client = None if journal_runs else get_client()
+    root = journal_dir or journal_root()
+    sender = Sender(client) if client is not None else None
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
         tmp = Path(tmp_name)
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
@@ -178,52 +198,95 @@ def run_specs(
         teacher, source, teacher_run = (None, None, None)
         taught = [s for s in specs if s.teacher or s.teacher_weights]
         if taught:
-            teacher, source, teacher_run = load_teacher(client, taught[0], data, dev, tmp, experiment)
+            spec = taught[0]
+            found = (journal_teacher(journal_runs[specs.index(spec)]) if journal_runs and not spec.teacher_weights
+                     else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
+            teacher, source, teacher_run = load_teacher(spec, data, dev, found)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
-        trackers = open_runs(specs, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
+        if journal_runs:
+            trackers = open_journal_runs(journal_runs)
+        else:
+            sender.start()
+            trackers = open_runs(specs, experiment, journal_root=root, force=force, attach_run_id=attach_run_id,
+                                 extra_tags=extra_tags, sender=sender)
         students: list[Student] = []
         trainer: Trainer | None = None
         modes = fast.step_modes(dev, specs)
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:
-                    tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
+                    tracker.set_tags({"kd.teacher_source": source})
                     if teacher_run:  # from the registry: the teacher this student keeps after a resume
-                        tracker.client.set_tag(tracker.run_id, "kd.teacher_run", teacher_run)
+                        tracker.set_tags({"kd.teacher_run": teacher_run})
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
-                    tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
-                students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
+                    tracker.set_tags({"kd.init_source": init_source})
+                students.append(make_student(spec, tracker, model, method, amp, graphed=mode == fast.GRAPH))
                 students[-1].tag({"kd.step_mode": mode, "kd.compile": compiled.ON if compile else compiled.OFF,
                                   "kd.precision": amp.name, "kd.cudnn_deterministic": str(cudnn_deterministic).lower()})
-            with sigterm_flag() as should_stop, system_metrics(trackers):
-                stops = [t.heartbeat() for t in trackers]
-                try:
-                    for student in students:
-                        pretrain_once(student, teacher, data, should_stop)
-                    trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
-                    trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
-                                            compiled.CompiledForwards(compile), collapse_after)
-                    trainer.run()
-                finally:
-                    for stop in stops:
-                        stop.set()
+            with sigterm_flag() as should_stop, SystemSampler(trackers):
+                for student in students:
+                    pretrain_once(student, teacher, data, should_stop)
+                trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
+                trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
+                                        compiled.CompiledForwards(compile), collapse_after)
+                trainer.run()
+            outcomes = [finish(s) for s in students if trainer.alive(s)]
         except BaseException as err:
             dropped = {s.tracker.run_id for s in students if trainer is not None and not trainer.alive(s)}
             for t in trackers:
                 if t.run_id in dropped:  # ended FAILED already, when it left the pack
                     continue
-                if isinstance(err, Stopped):
-                    t.end("KILLED", str(err))
+                if isinstance(err, Stopped) or infrastructure_failure(err):
+                    t.end("KILLED", str(err) if isinstance(err, Stopped) else f"{type(err).__name__}: {err}")
                 else:
                     t.end("FAILED", f"{type(err).__name__}: {err}")
+            close(trackers, sender, sync_timeout)
             raise
-        outcomes = [finish(s, tmp) for s in students if trainer.alive(s)]
+        close(trackers, sender, sync_timeout, outcomes)
     if trainer.failed:
         first = next(iter(trainer.failed.values()))
         others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
         raise TrainingDiverged(f"{first}{others}")
     return outcomes
+
+
+def close(trackers: list[RunTracker], sender: Sender | None, timeout: float,
+          outcomes: list[Outcome] | None = None) -> None:
+    """Wait (at most `timeout` s) for the sender to ship every journal, then let the runs go: a run
+    whose store is away ends unsynced, to be shipped by `kd sync` or the next `kd submit` round."""
+    if sender is not None:
+        sender.drain(timeout)
+        sender.stop()
+    for t in trackers:
+        t.release()
+        left = len(t.journal.pending())
+        if sender is not None:
+            prune(t.journal.folder)
+        if sender is None:
+            print(f"kd: run {t.run_id} recorded in its journal {t.journal.folder} (journal-only): the next "
+                  "`kd submit` round or `kd sync` ships it", flush=True)
+        elif left:
+            print(f"kd: run {t.run_id} is unsynced: {left} record(s) wait in {t.journal.folder}; "
+                  f"`kd sync {t.journal.folder}` ships them (every kd submit round does)", file=sys.stderr, flush=True)
+        for o in outcomes or []:
+            if o.run_id == t.run_id:
+                o.unsynced = left
+                registered = t.journal.folder / REGISTERED
+                o.registered = registered.read_text() if registered.exists() else None
+
+
+def open_journal_runs(folders: list[Path]) -> list[RunTracker]:
+    """Journal-only runs (no store): claimed on this host by a lock on each folder."""
+    trackers: list[RunTracker] = []
+    try:
+        for folder in folders:
+            trackers.append(RunTracker.open_journal_only(folder))
+    except BaseException:
+        for t in trackers:
+            t.release()
+        raise
+    return trackers
 
 
 def open_runs(specs: list[RunSpec], experiment: str, **how: Any) -> list[RunTracker]:
@@ -236,6 +299,7 @@ def open_runs(specs: list[RunSpec], experiment: str, **how: Any) -> list[RunTrac
     except BaseException as err:
         for t in trackers:
             t.end("KILLED", f"not trained: another run of its pack was refused ({err})")
+        close(trackers, how["sender"], DEFAULT_SYNC_TIMEOUT_S)
         raise
     return trackers
 
@@ -268,8 +332,8 @@ def new_student(spec: RunSpec, model: torch.nn.Module, method: Method, amp: Prec
 
 
 def make_student(spec: RunSpec, tracker: RunTracker, model: torch.nn.Module, method: Method, amp: Precision,
-                 tmp: Path, graphed: bool = False) -> Student:
-    student = new_student(spec, model, method, amp, graphed, tracker, CheckpointStore(tracker, tmp))
+                 graphed: bool = False) -> Student:
+    student = new_student(spec, model, method, amp, graphed, tracker, CheckpointStore(tracker))
     state = student.checkpoints.load() if tracker.resumed else None
     if state is not None:
         student.restore(state)
@@ -287,7 +351,7 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
     artifact, module = s.method.pretrain_artifact, s.method.pretrained_module()
     if artifact is None or module is None or s.epoch > 0 or s.batch > 0:
         return  # nothing to pre-train, or the checkpoint already holds it
-    saved = s.tracker.download(artifact, s.checkpoints.dir / "pretrained")
+    saved = s.tracker.download(artifact, s.checkpoints.dir / "download")
     if saved is not None:
         module.load_state_dict(load_weights_only(saved)["weights"])
         return
@@ -303,31 +367,26 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
 
     def log_metric(key: str, value: float, step: int) -> None:
         if step not in logged.setdefault(key, s.tracker.logged_steps(key)):
-            s.tracker.client.log_metric(s.tracker.run_id, key, value, step=step)
+            s.tracker.log_metric(key, value, step)
 
     if s.method.pretrain(teacher, batches, log_metric):
-        path = s.checkpoints.dir / artifact
+        path = s.tracker.journal.folder / artifact
         save_atomic({"weights": module.state_dict()}, path)
         s.tracker.log_file(path)
 
 
-def finish(s: Student, tmp: Path) -> Outcome:
-    """best.pth and metrics.json, FINISHED, then (teachers) the registry alias."""
-    best = tmp / s.tracker.run_id / "best.pth"
+def finish(s: Student) -> Outcome:
+    """best.pth and metrics.json, FINISHED, then (teachers) the registry alias: in this order in the
+    journal, so the teacher is registered only once all of its epochs are in the store."""
+    best = s.tracker.journal.folder / "files" / "best.pth"
+    best.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({"weights": s.best_weights}, best)
     s.tracker.log_file(best)
     history = {k: list(v) for k, v in s.history.items()}
     s.tracker.log_json("metrics.json", {**history, "config": s.spec.to_dict()})
     final_acc = history["test_acc"][-1]
-    client = s.tracker.client
-    client.log_metric(s.tracker.run_id, "best_test_acc", s.best_acc, step=s.epoch)
-    client.log_metric(s.tracker.run_id, "final_test_acc", final_acc, step=s.epoch)
+    s.tracker.record("log", step=s.epoch, metrics={"best_test_acc": s.best_acc, "final_test_acc": final_acc})
     s.tracker.end("FINISHED")
-    registered = None
     if s.spec.role == "teacher":
-        registered = register_teacher(client, s.tracker.run_id, s.spec, s.best_acc)
-    return Outcome(s.spec, s.tracker.run_id, s.best_acc, final_acc, registered)
-
-
-def metrics_json(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    return json.loads(Path(client.download_artifacts(run_id, "metrics.json")).read_text())
+        s.tracker.record("register", sync=True, spec=s.spec.to_dict(), best_acc=s.best_acc)
+    return Outcome(s.spec, s.tracker.run_id, s.best_acc, final_acc)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mlflow.entities import RunTag
 from torch import Tensor, nn
 
 from kd.data.loader import DeviceData, Split
@@ -154,7 +153,7 @@ class Student:
     def tag(self, tags: dict[str, str]) -> None:
         """Tags on the run, in one request."""
         if self.tracker is not None:  # the bench's students have no run
-            self.tracker.client.log_batch(self.tracker.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.tracker.set_tags(tags)
 
     def catch_up_metrics(self) -> None:
         """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""

@@ -7,6 +7,7 @@ A teacher run that trained every epoch is registered as model `{dataset}-{model}
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -14,6 +15,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking.ledger import Ledger, owner_id
+
+TAKEOVER_S = 120  # a registration claimed this long ago without a version: its claimant died
 
 
 class MissingTeacher(SpecError):
@@ -32,9 +36,23 @@ def teacher_uri(dataset: str, model: str, seed: int) -> str:
     return f"models:/{registered_name(dataset, model)}@{alias(seed)}"
 
 
-def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc: float) -> str:
-    """Register a finished teacher's best.pth and point its seed alias at the new version."""
+def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc: float) -> str | None:
+    """Register a finished teacher's best.pth and point its seed alias at the new version, exactly once.
+
+    The job's sender, `kd sync` and the submitter's repair may all try at the same moment: the
+    ledger's claim `<run id>/register/<n>` decides who registers; the others return None."""
     name = registered_name(spec.dataset, spec.model)
+    if registered_version(client, name, run_id) is not None:
+        return None
+    ledger = Ledger(client)
+    claims = ledger.claims(f"{run_id}/register/")
+    if claims:  # someone claimed it: theirs unless they died before creating the version
+        latest = claims[max(claims, key=lambda k: int(k.rsplit("/", 1)[1]))]
+        if time.time() - float(latest.rsplit("@", 1)[1]) < TAKEOVER_S:
+            return None
+    won, _, _ = ledger.claim_next(f"{run_id}/register", f"{owner_id()}@{time.time():.0f}")
+    if not won:
+        return None
     try:
         client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")
     except MlflowException:  # it exists already
@@ -47,17 +65,19 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
     return f"{name}@{alias(spec.seed)} (version {version.version})"
 
 
+def registered_version(client: MlflowClient, name: str, run_id: str) -> str | None:
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return found[0].version if found else None
+
+
 def register_if_missing(client: MlflowClient, run: Run, spec: RunSpec) -> str | None:
     """Register a FINISHED teacher run that has no model version: a kill (or a store error) between
     marking it FINISHED and registering it would otherwise hold its students back forever."""
-    name = registered_name(spec.dataset, spec.model)
     if spec.role != "teacher" or run.info.status != "FINISHED":
         return None
-    try:
-        if client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'"):
-            return None
-    except MlflowException:  # no such registered model yet
-        pass
     return register_teacher(client, run.info.run_id, spec, run.data.metrics.get("best_test_acc", float("nan")))
 
 

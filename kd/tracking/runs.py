@@ -1,7 +1,10 @@
 """One MLflow run per RunSpec: find it by key, create it, resume it, finish it.
 
-Everything goes through `MlflowClient` with explicit run ids, so several runs (packed students)
-can be filled from one process.
+Who creates a spec's run and who trains it are decided by atomic claims in the store's ledger
+(kd/tracking/ledger.py), so N identical commands started at the same instant, on one host or
+several, on sqlite or a server, train one run. What the run records goes to its journal first
+(kd/tracking/journal.py) and reaches the store through the sender: training never waits on it.
+In journal-only mode (`--tracking journal`) the process never opens the store at all.
 """
 
 from __future__ import annotations
@@ -9,22 +12,25 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Param, Run, RunTag
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking.journal import Journal, WriterLock, local_state
+from kd.tracking.ledger import Ledger, owner_id
+from kd.tracking.sender import Sender
 from kd.tracking.store import experiment_id, get_client
+from kd.tracking.tags import EPOCH, ERROR, HEARTBEAT, HOST, OWNER, TRACKING
 
-UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+DIRECT, JOURNAL_ONLY = "direct", "journal"
+TRACKING_MODES = (DIRECT, JOURNAL_ONLY)
+CREATION_WAIT_S = 30.0  # how long a process that lost the creation claim waits for the winner's run
 LEASE_SECONDS = 180  # a RUNNING run whose heartbeat is younger than this is being trained now
-HEARTBEAT_SECONDS = 30
 
 
 class RunRefused(SpecError):
@@ -34,7 +40,7 @@ class RunRefused(SpecError):
 class AlreadyFinished(RunRefused):
     """The spec's run is FINISHED: nothing to do (not an error for cron-driven submitters)."""
 
-    def __init__(self, message: str, run: Run, spec: RunSpec) -> None:
+    def __init__(self, message: str, run: Run | None, spec: RunSpec) -> None:
         super().__init__(message)
         self.run, self.spec = run, spec
 
@@ -64,10 +70,6 @@ def runs_by_key(client: MlflowClient, key: str, experiment: str) -> list[Run]:
     )
 
 
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
 def owner_is_dead_here(owner: str) -> bool:
     """True if the owner process ran on this host and is gone (a kill -9 leaves no goodbye)."""
     host, _, rest = owner.partition(":")
@@ -85,10 +87,10 @@ def owner_is_dead_here(owner: str) -> bool:
 
 def lease_is_live(run: Run, now: float | None = None) -> bool:
     """RUNNING with a recent heartbeat from a process that is not known to be dead."""
-    beat = run.data.tags.get("kd.heartbeat")
+    beat = run.data.tags.get(HEARTBEAT)
     if run.info.status != "RUNNING" or beat is None:
         return False
-    if owner_is_dead_here(run.data.tags.get("kd.owner", "")):
+    if owner_is_dead_here(run.data.tags.get(OWNER, "")):
         return False
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
@@ -128,23 +130,35 @@ def same_param(typed: str, ours: str) -> bool:
 
 def create_spec_run(
     client: MlflowClient, spec: RunSpec, experiment: str, extra_tags: dict[str, str] | None = None
-) -> str:
-    """A new run for the spec, SCHEDULED until a trainer claims it (the submitter creates runs too)."""
-    run = client.create_run(experiment_id(client, experiment), run_name=spec.name())
+) -> str | None:
+    """A new run for the spec, SCHEDULED until a trainer claims it; None if another process claimed
+    the spec's next attempt first (two submitters, or a submitter and a `kd train`)."""
+    exp = experiment_id(client, experiment)
+    attempt = len(runs_by_key(client, spec.key(), experiment)) + 1
+    if Ledger(client).claim(attempt_key(exp, spec, attempt), owner := owner_id()) != owner:
+        return None
+    run = client.create_run(exp, run_name=spec.name())
     write_spec(client, run.info.run_id, spec, extra_tags)
     client.update_run(run.info.run_id, status="SCHEDULED")
     return run.info.run_id
 
 
+def attempt_key(experiment_id: str, spec: RunSpec, attempt: int) -> str:
+    return f"{experiment_id}/{spec.key()}/{attempt}"
+
+
 @dataclass
 class RunTracker:
-    """A handle on one spec's MLflow run, held by the process that trains it."""
+    """A handle on one spec's run, held by the process that trains it; it writes to the journal."""
 
-    client: MlflowClient
     run_id: str
     spec: RunSpec
-    owner: str
+    journal: Journal
     resumed: bool
+    client: MlflowClient | None = None  # None in journal-only mode: nothing here talks to the store
+    sender: Sender | None = None
+    lock: WriterLock | None = None
+    store_steps: dict[str, set[int]] = field(default_factory=dict)
 
     @classmethod
     def open(
@@ -152,93 +166,130 @@ class RunTracker:
         spec: RunSpec,
         experiment: str,
         *,
+        journal_root: Path,
         force: bool = False,
         attach_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None,
+        sender: Sender | None = None,
     ) -> RunTracker:
-        """Find-or-create the spec's run and take its lease.
+        """Find-or-create the spec's run in the store and take its lease.
 
         FINISHED -> refused (unless force: a new attempt); unfinished -> resumed; live lease
         elsewhere -> refused. `attach_run_id` is the run `mlflow run` created: it becomes the
         spec's run when the spec has none yet (see docs/architecture.md for the other cases).
         """
         client = get_client()
-        existing = runs_by_key(client, spec.key(), experiment)
-        latest = existing[0] if existing else None
-        attempt = len(existing) + 1
-        if latest is not None and attach_run_id and latest.info.run_id == attach_run_id:
-            latest = existing[1] if len(existing) > 1 else None
-            attempt -= 1
-        if latest is not None and latest.info.status == "FINISHED" and not force:
-            raise AlreadyFinished(
-                f"spec {spec.key()} already trained in run {latest.info.run_id} "
-                f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt",
-                latest, spec,
-            )
-        if latest is not None and lease_is_live(latest):
-            raise RunRefused(
-                f"spec {spec.key()} is being trained right now by {latest.data.tags.get('kd.owner')} "
-                f"in run {latest.info.run_id}: wait for it, or stop that process"
-            )
-        resume = latest is not None and latest.info.status != "FINISHED" and not force
-        tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if force else {})}
+        ledger = Ledger(client)
+        exp = experiment_id(client, experiment)
+        owner = owner_id()
+        deadline = time.monotonic() + CREATION_WAIT_S
+        while True:
+            existing = runs_by_key(client, spec.key(), experiment)
+            latest = existing[0] if existing else None
+            attempt = len(existing) + 1
+            if latest is not None and attach_run_id and latest.info.run_id == attach_run_id:
+                latest = existing[1] if len(existing) > 1 else None
+                attempt -= 1
+            if latest is not None and latest.info.status == "FINISHED" and not force:
+                raise AlreadyFinished(
+                    f"spec {spec.key()} already trained in run {latest.info.run_id} "
+                    f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt",
+                    latest, spec,
+                )
+            if latest is not None and lease_is_live(latest):
+                raise busy(spec, latest.data.tags.get(OWNER), latest.info.run_id)
+            if latest is not None and latest.info.status != "FINISHED" and not force:
+                run_id, resume = latest.info.run_id, True
+                if attach_run_id and attach_run_id != run_id:
+                    client.set_tag(attach_run_id, "kd.resumed_in", run_id)
+                break
+            force = force and latest is not None and latest.info.status == "FINISHED"  # only once
+            holder = ledger.claim(attempt_key(exp, spec, attempt), attach_run_id or owner)
+            if holder in (attach_run_id, owner):
+                tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if attempt > 1 else {})}
+                if attach_run_id:
+                    run_id = attach_run_id
+                    write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
+                else:
+                    run_id = client.create_run(exp, run_name=spec.name()).info.run_id
+                    write_spec(client, run_id, spec, tags)
+                resume = False
+                break
+            if time.monotonic() > deadline:  # the winner died between its claim and its run
+                raise busy(spec, holder, "(not created yet)")
+            time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
+        won, holder, _ = ledger.claim_next(f"{run_id}/lease", owner)
+        if not won:
+            raise busy(spec, holder, run_id)
+        tags = {OWNER: owner, HEARTBEAT: f"{time.time():.0f}", HOST: socket.gethostname(), TRACKING: DIRECT}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.update_run(run_id, status="RUNNING")
+        tracker = cls(run_id, spec, Journal(journal_root / run_id), resume, client, sender)
         if resume:
-            run_id = latest.info.run_id
-            if attach_run_id and attach_run_id != run_id:
-                client.set_tag(attach_run_id, "kd.resumed_in", run_id)
-        elif attach_run_id:
-            run_id = attach_run_id
-            write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
-        else:
-            run_id = create_spec_run(client, spec, experiment, tags)
-        tracker = cls(client, run_id, spec, owner_id(), resume)
-        tracker._claim()
+            tracker.store_steps = {"test_acc": {m.step for m in client.get_metric_history(run_id, "test_acc")}}
+        if sender is not None:
+            sender.add(tracker.journal.folder)
         return tracker
 
-    def _claim(self) -> None:
-        """Mark the run RUNNING under our lease; lose gracefully if another process won the race."""
-        tags = {"kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.update_run(self.run_id, status="RUNNING")
-        time.sleep(0.05)
-        holder = self.client.get_run(self.run_id).data.tags.get("kd.owner")
-        if holder != self.owner:
-            raise RunRefused(f"run {self.run_id} was claimed by {holder} at the same moment: not starting twice")
+    @classmethod
+    def open_journal_only(cls, folder: Path) -> RunTracker:
+        """A run the submitter created, trained without the store: its spec is the folder's config.json."""
+        spec = RunSpec.from_dict(read_json(folder / "config.json"))
+        lock = WriterLock(folder)
+        if not lock.acquire():
+            raise busy(spec, "another process on this host", folder.name)
+        state = local_state(folder)
+        if state["status"] == "FINISHED":
+            lock.release()
+            raise AlreadyFinished(f"run {folder.name} is FINISHED in its journal {folder}: the next `kd submit` "
+                                  "round (or `kd sync`) ships it", None, spec)
+        tracker = cls(folder.name, spec, Journal(folder), bool(state["epoch"]), lock=lock)
+        tracker.record("log", tags={OWNER: owner_id(), HOST: socket.gethostname(), TRACKING: JOURNAL_ONLY})
+        tracker.record("status", status="RUNNING")
+        return tracker
 
-    def heartbeat(self) -> threading.Event:
-        """Refresh the lease from a daemon thread until the returned event is set."""
-        stop = threading.Event()
+    def record(self, op: str, *, sync: bool = False, **fields: Any) -> None:
+        self.journal.append(op, sync=sync, **fields)
+        if self.sender is not None:
+            self.sender.poke()
 
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT_SECONDS):
-                try:
-                    self.client.set_tag(self.run_id, "kd.heartbeat", f"{time.time():.0f}")
-                except Exception:  # a flaky store must not kill training; the next beat retries
-                    pass
-
-        threading.Thread(target=beat, daemon=True).start()
-        return stop
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.record("log", tags=tags)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """One point per metric at step=epoch, in one batch (all or nothing), then the epoch tag."""
-        ts = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()],
-            tags=[RunTag("kd.epoch", str(epoch)), RunTag("kd.heartbeat", f"{time.time():.0f}")],
-        )
+        """One point per metric at step=epoch, then the epoch tag; fsynced: an epoch is durable."""
+        self.record("log", sync=True, step=epoch, epoch=True, metrics={k: float(v) for k, v in metrics.items()},
+                    tags={EPOCH: str(epoch)})
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        self.record("log", step=step, metrics={key: float(value)})
 
     def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        """Steps of `key` this run has recorded: its journal's, and the store's when the journal
+        started elsewhere (a resume on another node)."""
+        steps = {r["step"] for r in self.journal.records() if r["op"] == "log" and key in r.get("metrics", {})}
+        if key not in self.store_steps and self.client is not None and self.resumed:
+            self.store_steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return steps | self.store_steps.get(key, set())
 
     def log_json(self, name: str, payload: Any) -> None:
-        self.client.log_dict(self.run_id, payload, name)
+        path = self.journal.folder / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        self.log_file(path)
 
     def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        """An artifact: a file inside the run's journal folder, shipped (its newest content) later."""
+        self.record("artifact", path=str(path.relative_to(self.journal.folder)), dir=artifact_dir)
 
     def download(self, artifact: str, dst: Path) -> Path | None:
-        """A run artifact downloaded into dst, or None if the run has no such artifact."""
+        """The run's artifact: the journal folder's copy if there is one, else the store's (a resume on
+        another node), else None."""
+        local = self.journal.folder / artifact
+        if local.exists():
+            return local
+        if self.client is None:
+            return None
         folder, _, name = artifact.rpartition("/")
         if name not in {Path(f.path).name for f in self.client.list_artifacts(self.run_id, folder or None)}:
             return None
@@ -246,10 +297,23 @@ class RunTracker:
 
     def end(self, status: str, error: str | None = None) -> None:
         if error:
-            self.client.set_tag(self.run_id, "kd.error", error[:5000])
-        self.client.set_terminated(self.run_id, status=status)
+            self.record("log", tags={ERROR: error[:5000]})
+        self.record("status", sync=True, status=status)
+
+    def release(self) -> None:
+        self.journal.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def busy(spec: RunSpec, owner: str | None, run_id: str) -> RunRefused:
+    return RunRefused(f"spec {spec.key()} is being trained right now by {owner} in run {run_id}: "
+                      "wait for it, or stop that process")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def read_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    return json.loads(Path(client.download_artifacts(run_id, "config.json")).read_text())
-
+    return read_json(Path(client.download_artifacts(run_id, "config.json")))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
+
+from kd.spec import SpecError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kd"
@@ -17,8 +21,6 @@ def tracking_uri() -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
-        from kd.spec import SpecError
-
         raise SpecError(
             f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 no longer supports: "
             f"use {DEFAULT_URI} or an MLflow server URL"
@@ -26,9 +28,53 @@ def tracking_uri() -> str:
     return uri
 
 
+def sqlite_path(uri: str | None = None) -> Path | None:
+    """The database file of a sqlite store (absolute), or None for a server or database store."""
+    uri = uri or tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+# MLflow retries an unanswered request for minutes (7 retries, backoff 2): kd retries itself, in the
+# journal's sender, so a request gives up in seconds. A user's own setting is kept.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+PROBE_TIMEOUT_S = 5.0
+_reachable: set[str] = set()
+
+
+class StoreUnreachable(SpecError):
+    """The tracking store does not answer: one line naming the URI and what to check."""
+
+
+def check_reachable(uri: str) -> None:
+    """Ask a server store (or a database server) once per process, in seconds, before any data is
+    loaded: a store that is down is reported in one line, not after minutes of retries."""
+    if uri in _reachable or uri.startswith("sqlite:"):
+        return
+    parsed = urlparse(uri)
+    try:
+        if parsed.scheme in ("http", "https"):
+            import requests  # mlflow's own HTTP client
+
+            requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).raise_for_status()
+        elif parsed.hostname:
+            default_port = {"postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0], 5432)
+            socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_TIMEOUT_S).close()
+    except Exception as err:
+        shown = uri.replace(f":{parsed.password}@", ":***@") if parsed.password else uri
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise StoreUnreachable(
+            f"the tracking store {shown} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI; "
+            "jobs can train without it (job setting tracking: journal, docs/cluster.md)") from None
+    _reachable.add(uri)
+
+
 def get_client() -> MlflowClient:
     uri = tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # so MLflow's own helpers agree with us
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -1,0 +1,189 @@
+"""A run's durable journal: what a run records goes to its own filesystem first, the store later.
+
+Training never waits on the tracking store (a server restart, a login node that reaped the
+daemon, a compute node with no route out). Every record a run makes (tags, metric points,
+status changes, artifacts, the teacher's registration) is appended to `journal.jsonl` in the
+run's journal folder, one JSON object per line, fsynced once per epoch. A kill -9 at any byte
+leaves at most one torn last line, which is dropped. A sender ships the records in order and
+writes how far it got to `shipped`; shipping a record twice changes nothing in the store (a metric
+point carries the timestamp it was recorded with, and MLflow keeps one row per (key, step,
+timestamp, value); tags and status overwrite; artifacts are replaced; registration is claimed in
+the ledger), so a crash of either side between shipping and noting it costs nothing.
+
+Layout of one run's folder (`<journal root>/<run id>/`): `journal.jsonl`, `shipped`,
+`config.json` (the spec), `checkpoint/` (the resume checkpoints: the store's copies are mirrors),
+`files/` (best.pth, metrics.json), and for journal-only jobs `teacher.pth` + `teacher.json`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kd.spec import SpecError
+
+JOURNAL = "journal.jsonl"
+SHIPPED = "shipped"
+JOURNAL_ENV = "KD_JOURNAL_DIR"
+
+
+class JournalError(SpecError):
+    """The journal cannot be written or read back: one line naming the folder and the fix."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Journal:
+    """The append-only record of one run, owned by the process that trains it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / JOURNAL
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.repair()
+            self._file = open(self.path, "ab")  # noqa: SIM115 - held for the run's life
+        except OSError as err:
+            raise JournalError(f"cannot write the run journal in {folder} ({err.strerror or err}): "
+                               f"point --journal-dir (or ${JOURNAL_ENV}) at a writable folder") from None
+        self.seq = self.last_seq()
+
+    @property
+    def run_id(self) -> str:
+        return self.folder.name
+
+    def repair(self) -> None:
+        """Cut a torn last line (a kill mid-append): that record only is lost, never the file."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, op: str, *, sync: bool = False, **fields: Any) -> int:
+        """Write one record now (the OS has it even if the process is killed); fsync if `sync`."""
+        self.seq += 1
+        line = json.dumps({"seq": self.seq, "op": op, "ts": now_ms(), **fields}, separators=(",", ":")) + "\n"
+        try:
+            self._file.write(line.encode())
+            self._file.flush()
+            if sync:
+                os.fsync(self._file.fileno())
+        except OSError as err:
+            raise JournalError(f"cannot append to {self.path} ({err.strerror or err}): free space or fix "
+                               "the folder's permissions, then run the same command again (it resumes)") from None
+        return self.seq
+
+    def pending(self) -> list[dict[str, Any]]:
+        return pending(self.folder)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.path)
+
+    def last_seq(self) -> int:
+        records = self.records()
+        return records[-1]["seq"] if records else 0
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record; a torn last line (no newline, or not JSON) is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # only a torn tail can be malformed, and repair() cuts it before the next append
+    return records
+
+
+def shipped_seq(folder: Path) -> int:
+    try:
+        return int((folder / SHIPPED).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def mark_shipped(folder: Path, seq: int) -> None:
+    tmp = folder / f".{SHIPPED}.{os.getpid()}"
+    tmp.write_text(str(seq))
+    os.replace(tmp, folder / SHIPPED)
+
+
+def pending(folder: Path) -> list[dict[str, Any]]:
+    done = shipped_seq(folder)
+    return [r for r in read_records(folder / JOURNAL) if r["seq"] > done]
+
+
+def journal_folders(roots: list[Path]) -> Iterator[Path]:
+    """Run folders under the given roots (or the roots themselves, if they are run folders)."""
+    for root in roots:
+        if (root / JOURNAL).exists():
+            yield root
+        elif root.is_dir():
+            yield from sorted(p.parent for p in root.glob(f"*/{JOURNAL}"))
+
+
+def local_state(folder: Path) -> dict[str, Any]:
+    """What the journal says of its run: last status, epochs recorded, records not yet shipped."""
+    records = read_records(folder / JOURNAL)
+    status = next((r["status"] for r in reversed(records) if r["op"] == "status"), None)
+    epoch = max((r["step"] for r in records if r["op"] == "log" and r.get("epoch")), default=0)
+    done = shipped_seq(folder)
+    return {"run_id": folder.name, "status": status, "epoch": epoch,
+            "pending": sum(r["seq"] > done for r in records), "folder": str(folder)}
+
+
+def prune(folder: Path) -> None:
+    """A FINISHED run whose journal is all in the store keeps its journal, not its big files:
+    checkpoints, best.pth and a journal-only student's teacher copy have their copies in the store."""
+    state = local_state(folder)
+    if state["status"] == "FINISHED" and not state["pending"]:
+        for name in ("checkpoint", "files"):
+            shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / "teacher.pth").unlink(missing_ok=True)
+
+
+class WriterLock:
+    """One writer per journal on a host: a second process for the same run is refused (flock)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.handle = open(folder / ".lock", "a")  # noqa: SIM115 - held for the run's life
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def release(self) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def journal_root() -> Path:
+    """Where runs keep their journals: $KD_JOURNAL_DIR, else `kd-journal/` beside a sqlite store,
+    else `kd-journal/` in the working directory (the job's own filesystem)."""
+    from kd.tracking.store import sqlite_path  # the store module imports mlflow: only when asked
+
+    if os.environ.get(JOURNAL_ENV):
+        return Path(os.environ[JOURNAL_ENV]).expanduser().absolute()
+    db = sqlite_path()
+    return (db.parent if db else Path.cwd()) / "kd-journal"

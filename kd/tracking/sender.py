@@ -1,0 +1,214 @@
+"""Shipping journals to the store: in a background thread while training, and by `kd sync`.
+
+`ship(client, folder)` replays one run's pending records in order and notes how far it got; every
+record is idempotent in the store (see kd/tracking/journal.py), so replaying one twice is harmless.
+A `Sender` thread ships the journals of the runs its process trains, retrying with backoff while
+the store is away (training goes on meanwhile), and refreshes their leases' heartbeats.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from kd.engine.faults import crash_point
+from kd.spec import RunSpec
+from kd.tracking.journal import JournalError, journal_folders, local_state, mark_shipped, pending, prune
+from kd.tracking.registry import register_teacher
+from kd.tracking.tags import ERROR, HEARTBEAT
+
+MAX_BACKOFF_S = 30.0
+HEARTBEAT_SECONDS = 30
+REGISTERED = "registered"  # the journal folder's note of what a shipped `register` record became
+# log_batch limits of the MLflow API (per request)
+MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
+
+
+class RunGone(JournalError):
+    """The store refuses the journal's run (deleted, or not there): nothing to ship it to."""
+
+
+def refused(err: MlflowException) -> bool:
+    """The store answered and said no (as opposed to not answering)."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_STATE") or "must be in the 'active' state" in str(err)
+
+
+def ship(client: MlflowClient, folder: Path) -> int:
+    """Ship one journal's pending records, in order; the number shipped. Raises what the store raised
+    (the caller retries later), or RunGone in one line when the store has no such run."""
+    records = pending(folder)
+    run_id = folder.name
+    shipped = 0
+    try:
+        for chunk in chunks(records):
+            apply(client, run_id, folder, chunk)
+            mark_shipped(folder, chunk[-1]["seq"])
+            shipped += len(chunk)
+    except MlflowException as err:
+        if refused(err):
+            raise RunGone(f"run {run_id} of journal {folder} is not in the store {client.tracking_uri} "
+                          f"(deleted?): nothing to ship it to; remove the folder if the run is not wanted") from None
+        raise
+    return shipped
+
+
+def chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive `log` records merge into one log_batch (within the API's limits); others go alone."""
+    out: list[list[dict[str, Any]]] = []
+    counts = [0, 0, 0]
+    for record in records:
+        sizes = [len(record.get(k, {})) for k in ("metrics", "params", "tags")]
+        last = out[-1] if out else None
+        if (record["op"] == "log" and last and last[-1]["op"] == "log"
+                and all(c + s <= m for c, s, m in zip(counts, sizes, (MAX_METRICS, MAX_PARAMS, MAX_TAGS),
+                                                        strict=True))):
+            last.append(record)
+            counts = [c + s for c, s in zip(counts, sizes, strict=True)]
+        else:
+            out.append([record])
+            counts = sizes
+    return out
+
+
+def apply(client: MlflowClient, run_id: str, folder: Path, chunk: list[dict[str, Any]]) -> None:
+    record = chunk[0]
+    op = record["op"]
+    if op == "log":
+        metrics = [Metric(k, float(v), r["ts"], r.get("step", 0)) for r in chunk for k, v in r.get("metrics", {}).items()]
+        params = {k: v for r in chunk for k, v in r.get("params", {}).items()}
+        tags = {k: v for r in chunk for k, v in r.get("tags", {}).items()}
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+    elif op == "status":
+        if record["status"] == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+            return
+        if record["status"] == "FINISHED":  # a finished run carries no reason it once stopped
+            if ERROR in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, ERROR)
+        client.set_terminated(run_id, status=record["status"], end_time=record["ts"])
+    elif op == "artifact":
+        path = folder / record["path"]
+        if path.exists():  # a file replaced since (a newer checkpoint) was shipped with its newer record
+            client.log_artifact(run_id, str(path), record.get("dir"))
+            crash_point("checkpoint_upload")
+    elif op == "register":
+        note = register_teacher(client, run_id, RunSpec.from_dict(record["spec"]), record["best_acc"])
+        if note:
+            (folder / REGISTERED).write_text(note)
+    else:
+        raise JournalError(f"journal {folder} holds an unknown record '{op}': update kd, or remove the folder")
+
+
+class Sender:
+    """Ships the journals of this process's runs in the background until stopped."""
+
+    def __init__(self, client: MlflowClient, *, heartbeat: bool = True) -> None:
+        self.client = client
+        self.folders: list[Path] = []
+        self.heartbeat = heartbeat
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.idle = threading.Event()
+        self.gone: dict[str, RunGone] = {}
+        self.outage_since: float | None = None
+        self.trained_in_outage = 0
+        self.thread = threading.Thread(target=self.loop, name="kd-sender", daemon=True)
+
+    def add(self, folder: Path) -> None:
+        self.folders.append(folder)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def loop(self) -> None:
+        backoff = 1.0
+        last_beat = 0.0
+        while not self.stopping.is_set():
+            self.wake.clear()
+            try:
+                if self.heartbeat and time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+                    self.beat()
+                    last_beat = time.monotonic()
+                for folder in self.folders:
+                    if folder.name not in self.gone:
+                        try:
+                            ship(self.client, folder)
+                        except RunGone as err:
+                            self.gone[folder.name] = err
+                            print(f"kd: {err}", file=sys.stderr, flush=True)
+                if self.outage_since is not None:
+                    print(f"kd: tracking store back after {time.time() - self.outage_since:.0f} s; "
+                          "its journal is shipped", file=sys.stderr, flush=True)
+                    self.outage_since = None
+                backoff = 1.0
+                self.idle.set()
+                self.wake.wait(HEARTBEAT_SECONDS)
+            except Exception as err:  # the store is away: training goes on, the journal keeps everything
+                self.idle.clear()
+                if self.outage_since is None:
+                    self.outage_since = time.time()
+                    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                    print(f"kd: tracking store unreachable ({reason}): training goes on, records wait in the "
+                          "journal and are shipped when it answers", file=sys.stderr, flush=True)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def beat(self) -> None:
+        stamp = f"{time.time():.0f}"
+        for folder in self.folders:
+            self.client.log_batch(folder.name, tags=[RunTag(HEARTBEAT, stamp)])
+
+    def poke(self) -> None:
+        self.idle.clear()
+        self.wake.set()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until every journal is shipped; True if they are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poke()
+            left = [f for f in self.folders if f.name not in self.gone and pending(f)]
+            if not left:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+
+def sync_journals(roots: list[Path], client: MlflowClient | None = None) -> bool:
+    """`kd sync` and every submit round: ship every journal under roots; one line per run shipped or
+    refused. False if any journal could not be shipped (the others are shipped regardless)."""
+    from kd.tracking.store import get_client  # the store module checks the URI: only when syncing
+
+    folders = [f for f in journal_folders(roots) if pending(f)]
+    if not folders:
+        return True
+    client = client or get_client()
+    ok = True
+    for folder in folders:
+        try:
+            n = ship(client, folder)
+        except RunGone as err:
+            print(f"kd: {err}", file=sys.stderr, flush=True)
+            ok = False
+            continue
+        state = local_state(folder)
+        prune(folder)
+        registered = folder / REGISTERED
+        print(f"synced run {folder.name}: {n} record(s), epoch {state['epoch']}, {state['status'] or 'started'}"
+              + (f"; registered {registered.read_text()}" if registered.exists() else ""), flush=True)
+    return ok
