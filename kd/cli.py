@@ -101,6 +101,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking", choices=("direct", "journal"), default="direct",
+                        help="direct: ship the run's journal to the store while training (default); journal: "
+                             "never open the store (kd job: the submitter ingests it; kd train: kd sync does)")
     parser.add_argument("--journal-dir", "--journal_dir", default=None,
                         help="where runs keep their journals (default $KD_JOURNAL_DIR, else kd-journal/ beside "
                              "a sqlite store or in the working directory)")
@@ -155,7 +158,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
                              compile=args.compile, collapse_after=args.collapse_after,
                              cudnn_deterministic=args.cudnn_deterministic, force=args.force, attach_run_id=attach,
                              journal_dir=Path(args.journal_dir).absolute() if args.journal_dir else None,
-                             journal_runs=journal_runs, **sync_timeout(args))
+                             journal_runs=journal_runs, tracking=args.tracking, **sync_timeout(args))
     except AlreadyFinished as done:
         print(done)
         repaired = register_if_missing(get_client(), done.run, done.spec) if done.run else None
@@ -166,7 +169,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
               + (f", registered {o.registered}" if o.registered else "")
               + (f", unsynced ({o.unsynced} records wait in its journal)" if o.unsynced else ""))
-    if not journal_runs:
+    if args.tracking == "direct":
         print(f"open the MLflow UI: {ui_command()}")
     return 0
 
@@ -269,9 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("job", help="train submitted runs by id (what cluster job scripts call)")
     p.add_argument("--run-id", "--run_id", action="append", required=True, help="repeat for a pack of students")
-    p.add_argument("--tracking", choices=("direct", "journal"), default="direct",
-                   help="direct: ship the journal to the store while training (default); journal: never open "
-                        "the store, the submitter ingests the journal (docs/cluster.md)")
     add_run_flags(p)
     p.set_defaults(func=cmd_job)
 

@@ -95,7 +95,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from kd.cluster.grids import load_grid
+    from kd.cluster.submit import journals_dir
     from kd.spec import RunSpec
+    from kd.tracking.journal import journal_folders, journal_root, local_state, pending
     from kd.tracking.queries import NEW, SpecStatus, format_summary, latest_runs, summarize
     from kd.tracking.runs import read_config
     from kd.tracking.store import get_client
@@ -112,6 +114,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = summarize(client, specs, experiment) if exists else [SpecStatus(s, None, NEW) for s in specs]
     print(f"experiment {experiment}:")
     print(format_summary(rows))
+    roots = [journal_root()] + ([journals_dir(grid.job.resolved())] if grid else [])
+    unsynced = [local_state(f) for f in journal_folders(roots) if pending(f)]
+    for state in unsynced:
+        print(f"unsynced: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
+              f"journal): {state['pending']} record(s) in {state['folder']}; kd sync ships them")
     return 0
 
 

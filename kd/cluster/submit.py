@@ -2,15 +2,19 @@
 
 Idempotence rests on two things: the plan is made from MLflow and the scheduler, never from
 local files; and two submitters never plan at once (a `flock` on a file beside the store), so
-the second one sees the first one's jobs. A failed submission leaves nothing behind: runs
-created for it are deleted, and runs it was to resume stay unfinished with a dead job, which
-the next round resubmits.
+the second one sees the first one's jobs (across login nodes, the ledger's creation claim stops a
+second run of a spec). Every round first ships the journals jobs left behind (`kd sync`), so a
+grid converges when the store was away or when jobs never open it (`tracking: journal`). A failed
+submission leaves nothing behind: runs created for it are deleted, and runs it was to resume stay
+unfinished with a dead job, which the next round resubmits.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -35,9 +39,11 @@ from kd.cluster.planner import (
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
 from kd.spec import RunSpec, SpecError
-from kd.tracking.registry import register_if_missing
+from kd.tracking.journal import journal_root
+from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
-from kd.tracking.store import get_client, tracking_uri
+from kd.tracking.sender import sync_journals
+from kd.tracking.store import JOURNAL_ONLY_URI, get_client, tracking_uri
 
 LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported, not waited for
 
@@ -97,6 +103,8 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
     with nullcontext() if dry_run else submit_lock():
         # inside the lock: two processes creating one new sqlite store at once break its migrations
         client = get_client() if (store_exists() or not dry_run) else None
+        if not dry_run:
+            sync_journals([journals_dir(settings), journal_root()], client)
         seen = observe(client, experiment)
         if not dry_run:
             repair_registrations(client, grid.specs, seen)
@@ -109,30 +117,61 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
     return p
 
 
+def journals_dir(settings: JobSettings) -> Path:
+    """Where the grid's jobs keep their run journals: on the shared filesystem, beside the job logs."""
+    return Path(settings.jobs_dir) / "run-journals"
+
+
+def prepare_journal(client: MlflowClient, spec: RunSpec, run_id: str, folder: Path) -> None:
+    """A journal-only job's folder: its spec, and a student's teacher weights (the job never asks the
+    store). A resubmitted run keeps the teacher it started with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    if spec.teacher and not spec.teacher_weights and not (folder / "teacher.json").exists():
+        path, source, teacher_run = resolve_teacher(client, spec, folder / "download")
+        shutil.copyfile(path, folder / "teacher.pth")
+        shutil.rmtree(folder / "download", ignore_errors=True)
+        (folder / "teacher.json").write_text(json.dumps({"source": source, "run_id": teacher_run}))
+
+
 def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, job: list[Item], grid: str,
-               experiment: str) -> str:
-    """One job for the items' runs (created now if new); on failure the new runs are deleted."""
+               experiment: str) -> str | None:
+    """One job for the items' runs (created now if new); on failure the new runs are deleted.
+    None if another submitter created one of its runs at the same moment (it submits them)."""
     created: list[str] = []
+    journal = settings.tracking == "journal"
     try:
         run_ids = []
         for item in job:
             if item.run is None:
-                run_ids.append(create_spec_run(client, item.spec, experiment, {"kd.grid": grid}))
+                run_id = create_spec_run(client, item.spec, experiment, {"kd.grid": grid})
+                if run_id is None:
+                    print(f"skipped {item.spec.name()}: another submitter created its run just now", flush=True)
+                    raise SkipJob
+                run_ids.append(run_id)
                 created.append(run_ids[-1])
             else:
                 run_ids.append(item.run.info.run_id)
                 client.update_run(run_ids[-1], status="SCHEDULED")  # before the job can claim it
+            if journal:
+                prepare_journal(client, item.spec, run_ids[-1], journals_dir(settings) / run_ids[-1])
         first = job[0].spec.name()
         command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], "--device", settings.device,
                    "--precision", settings.precision, "--collapse-after", str(settings.collapse_after),
+                   "--tracking", settings.tracking, "--journal-dir", str(journals_dir(settings)),
                    *(["--compile"] if settings.compile else []),
                    *([] if settings.cudnn_deterministic else ["--no-cudnn-deterministic"])]
         name = f"kd-{first}" + (f"+{len(job) - 1}" if len(job) > 1 else "")
         job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / grid, f"{first}.{run_ids[0][:8]}",
                                        name, command)
+    except SkipJob:
+        for run_id in created:
+            client.delete_run(run_id)
+        return None
     except BaseException:
         for run_id in created:
             client.delete_run(run_id)
+            shutil.rmtree(journals_dir(settings) / run_id, ignore_errors=True)
         raise
     tags = {"kd.job_id": job_id, "kd.scheduler": sched.name, "kd.grid": grid, "kd.job_log": str(log),
             "kd.submitted_at": utc_now()}
@@ -149,14 +188,20 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
     return job_id
 
 
+class SkipJob(Exception):
+    """A run of the job was claimed by another submitter: this round leaves the job to it."""
+
+
 def write_and_submit(sched: Scheduler, settings: JobSettings, folder: Path, stem: str, name: str,
                      command: list[str]) -> tuple[str, Path]:
     """Render the job script into folder (a new file per submission) and submit it: (job id, log)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}"
     script, log = folder / f"{stem}.sh", folder / f"{stem}.log"
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "KD_DATA_ROOT": settings.data_root,
+    env = {"KD_DATA_ROOT": settings.data_root,
            "OMP_NUM_THREADS": str(settings.ncpus)}  # torch's default oversubscribes shared nodes
+    # a journal-only job never opens the store: it is not told where it is, and an attempt fails loudly
+    env["MLFLOW_TRACKING_URI"] = tracking_uri() if settings.tracking == "direct" else JOURNAL_ONLY_URI
     script.write_text(render(sched.name, settings, name, command, env))
     script.chmod(0o700)  # it may hold the store's password
     return sched.submit(script, log), log

@@ -59,6 +59,7 @@ class JobSettings:
     compile: bool = False  # kd job --compile: fused kernels (docs/performance.md)
     collapse_after: int = DEFAULT_COLLAPSE_AFTER  # kd job --collapse-after: epochs at chance before FAILED
     cudnn_deterministic: bool = True  # false: kd job --no-cudnn-deterministic
+    tracking: str = "direct"  # journal: jobs never open the store; kd submit ingests their journals
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> JobSettings:
@@ -89,6 +90,9 @@ class JobSettings:
         if not DEVICE.fullmatch(self.device):
             raise SpecError(f"job setting device={self.device!r}: use auto, cpu or cuda")
         check_precision(self.precision)
+        if self.tracking not in ("direct", "journal"):
+            raise SpecError(f"job setting tracking={self.tracking!r}: use direct (jobs ship to the store) or "
+                            "journal (jobs never open it; kd submit ingests their journals)")
         if self.ncpus < 1 or self.gpus < 0 or self.collapse_after < 0:
             raise SpecError("job settings need ncpus >= 1, gpus >= 0 and collapse_after >= 0")
         if self.venv and self.conda_env:

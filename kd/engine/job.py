@@ -41,7 +41,7 @@ from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking.journal import JournalError, journal_root, prune
 from kd.tracking.registry import resolve_teacher
-from kd.tracking.runs import RunTracker, read_json, runs_by_key
+from kd.tracking.runs import DIRECT, JOURNAL_ONLY, RunTracker, local_run_folder, read_json, runs_by_key
 from kd.tracking.sender import REGISTERED, Sender
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
 from kd.tracking.system import SystemSampler
@@ -162,6 +162,7 @@ def run_specs(
     on_epoch: EpochCallback | None = None,
     journal_dir: Path | None = None,
     journal_runs: list[Path] | None = None,
+    tracking: str = DIRECT,
     sync_timeout: float = DEFAULT_SYNC_TIMEOUT_S,
 ) -> list[Outcome]:
     """Train a pack of specs (usually one) to completion as MLflow runs.
@@ -177,8 +178,8 @@ def run_specs(
     Tracking: by default each run is found or created in the store, and its journal (under
     `journal_dir`, default kd/tracking/journal.py's root) is shipped by a background sender; the
     end waits `sync_timeout` s for an away store, then returns with the runs unsynced.
-    `journal_runs`: journal-only mode, the folders the submitter prepared (specs are theirs):
-    the store is never opened.
+    `tracking="journal"`: the store is never opened; the runs are `journal_runs`, the folders the
+    submitter prepared, or else new local folders that `kd sync` creates in the store later.
     """
     if collapse_after < 0:
         raise SpecError(f"collapse_after {collapse_after} is negative: pass --collapse-after 0 (never) or more")
@@ -188,8 +189,12 @@ def run_specs(
     check_precision(precision)
     amp = Precision.for_device(dev, precision)
     set_cudnn_deterministic(cudnn_deterministic)
-    client = None if journal_runs else get_client()
     root = journal_dir or journal_root()
+    local = tracking == JOURNAL_ONLY and not journal_runs  # started by hand, without the store
+    if local and any(s.teacher and not s.teacher_weights for s in specs):
+        raise SpecError("a student trained without the store (--tracking journal) needs --teacher-weights: "
+                        "its registered teacher is in the store")
+    client = None if tracking == JOURNAL_ONLY else get_client()
     sender = Sender(client) if client is not None else None
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
         tmp = Path(tmp_name)
@@ -203,6 +208,8 @@ def run_specs(
                      else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
             teacher, source, teacher_run = load_teacher(spec, data, dev, found)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
+        if local:
+            journal_runs = [local_run_folder(root, s, experiment, force) for s in specs]
         if journal_runs:
             trackers = open_journal_runs(journal_runs)
         else:

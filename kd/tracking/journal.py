@@ -31,6 +31,8 @@ from kd.spec import SpecError
 JOURNAL = "journal.jsonl"
 SHIPPED = "shipped"
 JOURNAL_ENV = "KD_JOURNAL_DIR"
+LOCAL_PREFIX = "local-"  # a run started without the store: its store run id comes at the first sync
+STORE_RUN_ID = "run_id"  # ...and is kept in this file of the folder
 
 
 class JournalError(SpecError):
@@ -129,6 +131,13 @@ def mark_shipped(folder: Path, seq: int) -> None:
 def pending(folder: Path) -> list[dict[str, Any]]:
     done = shipped_seq(folder)
     return [r for r in read_records(folder / JOURNAL) if r["seq"] > done]
+
+
+def store_run_id(folder: Path) -> str | None:
+    """The store's id of the folder's run (None until the first sync created a local run there)."""
+    if (folder / STORE_RUN_ID).exists():
+        return (folder / STORE_RUN_ID).read_text().strip()
+    return None if folder.name.startswith(LOCAL_PREFIX) else folder.name
 
 
 def journal_folders(roots: list[Path]) -> Iterator[Path]:

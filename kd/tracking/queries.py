@@ -11,6 +11,7 @@ from mlflow.entities import Run
 from kd.spec import RunSpec
 from kd.tracking.runs import lease_is_live
 from kd.tracking.store import experiment_id
+from kd.tracking.tags import ERROR
 
 # The state of a spec, from its newest run.
 FINISHED, RUNNING, QUEUED, FAILED, KILLED, STALE, NEW = (
@@ -32,10 +33,6 @@ def latest_runs(client: MlflowClient, experiment: str) -> dict[str, Run]:
         token = page.token
         if not token:
             return runs
-
-
-def unfinished_runs(client: MlflowClient, experiment: str) -> list[Run]:
-    return [r for r in latest_runs(client, experiment).values() if r.info.status != "FINISHED"]
 
 
 def spec_state(run: Run | None) -> str:
@@ -76,8 +73,8 @@ def format_summary(rows: list[SpecStatus]) -> str:
         job = row.run.data.tags.get("kd.job_id", "") if row.run else ""
         run_id = row.run.info.run_id if row.run else ""
         lines.append(f"{row.spec.name():58s} {row.state:14s} {row.epochs_done:>4d}/{row.spec.epochs:<4d}  {job:>10s}  {run_id}")
-        if row.state == FAILED and row.run.data.tags.get("kd.error"):  # why, where the user looks first
-            lines.append(f"    {row.run.data.tags['kd.error'][:200]}")
+        if row.state in (FAILED, KILLED) and row.run.data.tags.get(ERROR):  # why, where the user looks first
+            lines.append(f"    {row.run.data.tags[ERROR][:200]}")
     counts = Counter(row.state for row in rows)
     lines.append(", ".join(f"{n} {state}" for state, n in counts.most_common()) + f" ({len(rows)} specs)")
     return "\n".join(lines)

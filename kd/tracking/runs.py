@@ -13,19 +13,22 @@ import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
 from kd.spec import RunSpec, SpecError
-from kd.tracking.journal import Journal, WriterLock, local_state
+from kd.tracking.journal import LOCAL_PREFIX, Journal, WriterLock, journal_folders, local_state
 from kd.tracking.ledger import Ledger, owner_id
-from kd.tracking.sender import Sender
 from kd.tracking.store import experiment_id, get_client
 from kd.tracking.tags import EPOCH, ERROR, HEARTBEAT, HOST, OWNER, TRACKING
+
+if TYPE_CHECKING:
+    from kd.tracking.sender import Sender
 
 DIRECT, JOURNAL_ONLY = "direct", "journal"
 TRACKING_MODES = (DIRECT, JOURNAL_ONLY)
@@ -243,7 +246,8 @@ class RunTracker:
             lock.release()
             raise AlreadyFinished(f"run {folder.name} is FINISHED in its journal {folder}: the next `kd submit` "
                                   "round (or `kd sync`) ships it", None, spec)
-        tracker = cls(folder.name, spec, Journal(folder), bool(state["epoch"]), lock=lock)
+        journal = Journal(folder)
+        tracker = cls(folder.name, spec, journal, bool(journal.seq), lock=lock)
         tracker.record("log", tags={OWNER: owner_id(), HOST: socket.gethostname(), TRACKING: JOURNAL_ONLY})
         tracker.record("status", status="RUNNING")
         return tracker
@@ -304,6 +308,23 @@ class RunTracker:
         self.journal.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def local_run_folder(root: Path, spec: RunSpec, experiment: str, force: bool = False) -> Path:
+    """The journal folder of a run started without the store (`--tracking journal` by hand): the spec's
+    unfinished one under root, else a new `local-<id>` folder whose first record asks the first sync
+    to create the run in the store."""
+    for folder in journal_folders([root]):
+        if folder.name.startswith(LOCAL_PREFIX) and RunSpec.from_dict(read_json(folder / "config.json")) == spec:
+            if local_state(folder)["status"] != "FINISHED" or not force:
+                return folder
+    folder = root / f"{LOCAL_PREFIX}{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    journal = Journal(folder)
+    journal.append("create", sync=True, experiment=experiment)
+    journal.close()
+    return folder
 
 
 def busy(spec: RunSpec, owner: str | None, run_id: str) -> RunRefused:

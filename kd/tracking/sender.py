@@ -20,8 +20,18 @@ from mlflow.exceptions import MlflowException
 
 from kd.engine.faults import crash_point
 from kd.spec import RunSpec
-from kd.tracking.journal import JournalError, journal_folders, local_state, mark_shipped, pending, prune
+from kd.tracking.journal import (
+    STORE_RUN_ID,
+    JournalError,
+    journal_folders,
+    local_state,
+    mark_shipped,
+    pending,
+    prune,
+    store_run_id,
+)
 from kd.tracking.registry import register_teacher
+from kd.tracking.runs import create_spec_run, read_json
 from kd.tracking.tags import ERROR, HEARTBEAT
 
 MAX_BACKOFF_S = 30.0
@@ -44,9 +54,11 @@ def ship(client: MlflowClient, folder: Path) -> int:
     """Ship one journal's pending records, in order; the number shipped. Raises what the store raised
     (the caller retries later), or RunGone in one line when the store has no such run."""
     records = pending(folder)
-    run_id = folder.name
+    run_id = store_run_id(folder)
     shipped = 0
     try:
+        if records and records[0]["op"] == "create":
+            run_id = create_local_run(client, folder, records.pop(0))
         for chunk in chunks(records):
             apply(client, run_id, folder, chunk)
             mark_shipped(folder, chunk[-1]["seq"])
@@ -57,6 +69,18 @@ def ship(client: MlflowClient, folder: Path) -> int:
                           f"(deleted?): nothing to ship it to; remove the folder if the run is not wanted") from None
         raise
     return shipped
+
+
+def create_local_run(client: MlflowClient, folder: Path, record: dict[str, Any]) -> str:
+    """The store's run for a journal started without it; created once (a crash after creating it
+    and before noting its id leaves one SCHEDULED run, which the next create claims past)."""
+    spec = RunSpec.from_dict(read_json(folder / "config.json"))
+    run_id = store_run_id(folder)
+    while run_id is None:
+        run_id = create_spec_run(client, spec, record["experiment"], {"kd.journal": str(folder)})
+    (folder / STORE_RUN_ID).write_text(run_id)
+    mark_shipped(folder, record["seq"])
+    return run_id
 
 
 def chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -209,6 +233,6 @@ def sync_journals(roots: list[Path], client: MlflowClient | None = None) -> bool
         state = local_state(folder)
         prune(folder)
         registered = folder / REGISTERED
-        print(f"synced run {folder.name}: {n} record(s), epoch {state['epoch']}, {state['status'] or 'started'}"
+        print(f"synced run {store_run_id(folder)}: {n} record(s), epoch {state['epoch']}, {state['status'] or 'started'}"
               + (f"; registered {registered.read_text()}" if registered.exists() else ""), flush=True)
     return ok

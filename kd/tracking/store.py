@@ -13,11 +13,15 @@ from kd.spec import SpecError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kd"
+JOURNAL_ONLY_URI = "journal-only"  # what a journal-only job's MLFLOW_TRACKING_URI says: no store to open
 
 
 def tracking_uri() -> str:
     """The store every part of kd uses; a relative sqlite path is made absolute (jobs change cwd)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri == JOURNAL_ONLY_URI:
+        raise SpecError("this job is journal-only (job setting tracking: journal): it never opens the tracking "
+                        "store; kd submit ingests its journal")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
