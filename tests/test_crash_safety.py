@@ -120,12 +120,16 @@ def artifact_path(run_id: str, artifact: str) -> Path:
     return Path(uri.removeprefix("file://")) / artifact
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(teacher):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(teacher, tmp_path):
+    """A resume reads the journal folder's checkpoint (the store's is a mirror); a damaged newest one
+    falls back to the previous one."""
     crashed = run_kd(*STUDENT, env={"KD_CRASH_AT": "step:25"})  # killed in epoch 3: checkpoints of 1 and 2
     assert crashed.returncode == -signal.SIGKILL
     (run,) = runs_of("kd")
-    newest = artifact_path(run.info.run_id, "checkpoint/checkpoint.pth")
-    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a kill during the upload
+    mirror = artifact_path(run.info.run_id, "checkpoint/checkpoint.pth")
+    mirror.write_bytes(b"")  # the store's copy is not read while the journal folder has one
+    newest = tmp_path / "kd-journal" / run.info.run_id / "checkpoint" / "checkpoint.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a disk that lost its last write
     resumed = run_kd(*STUDENT)
     assert resumed.returncode == 0, resumed.stderr
     assert "falling back to the previous checkpoint" in resumed.stderr

@@ -244,10 +244,13 @@ def run_specs(
             for t in trackers:
                 if t.run_id in dropped:  # ended FAILED already, when it left the pack
                     continue
-                if isinstance(err, Stopped) or infrastructure_failure(err):
-                    t.end("KILLED", str(err) if isinstance(err, Stopped) else f"{type(err).__name__}: {err}")
-                else:
-                    t.end("FAILED", f"{type(err).__name__}: {err}")
+                try:
+                    if isinstance(err, Stopped) or infrastructure_failure(err):
+                        t.end("KILLED", str(err) if isinstance(err, Stopped) else f"{type(err).__name__}: {err}")
+                    else:
+                        t.end("FAILED", f"{type(err).__name__}: {err}")
+                except JournalError:  # the journal's own filesystem failed: the run stays stale, then resumed
+                    pass
             close(trackers, sender, sync_timeout)
             raise
         close(trackers, sender, sync_timeout, outcomes)

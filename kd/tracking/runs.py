@@ -206,7 +206,6 @@ class RunTracker:
                 if attach_run_id and attach_run_id != run_id:
                     client.set_tag(attach_run_id, "kd.resumed_in", run_id)
                 break
-            force = force and latest is not None and latest.info.status == "FINISHED"  # only once
             holder = ledger.claim(attempt_key(exp, spec, attempt), attach_run_id or owner)
             if holder in (attach_run_id, owner):
                 tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if attempt > 1 else {})}
@@ -220,6 +219,7 @@ class RunTracker:
                 break
             if time.monotonic() > deadline:  # the winner died between its claim and its run
                 raise busy(spec, holder, "(not created yet)")
+            force = False  # the attempt is the winner's: from now on its run is the one to wait for
             time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
         won, holder, _ = ledger.claim_next(f"{run_id}/lease", owner)
         if not won:
