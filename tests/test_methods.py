@@ -251,6 +251,41 @@ def test_dkd_terms_match_probabilities_computed_directly(temperature):
     assert got_nckd.item() == pytest.approx(nckd / 5 * temperature**2, rel=1e-4)
 
 
+def logits_with_target_probability(p: float, temperature: float, target: int, g: torch.Generator) -> torch.Tensor:
+    """(10,) float32 logits whose softmax at `temperature` gives the target about probability p."""
+    z = torch.randn(10, generator=g, dtype=torch.float64)
+    rest = torch.cat([z[:target], z[target + 1 :]]) / temperature
+    z[target] = temperature * (math.log(p / (1 - p)) + rest.logsumexp(0).item())
+    return z.float()
+
+
+def tckd_by_hand(s: list[float], t: list[float], target: int, temperature: float) -> float:
+    """T^2 KL between the (p_target, 1 - p_target) pairs, in float64 with 1 - p summed from the
+    other classes' probabilities (no cancellation)."""
+
+    def binary(z: list[float]) -> tuple[float, float]:
+        e = [math.exp((v - z[target]) / temperature) for v in z]  # the target's is 1
+        rest = sum(v for c, v in enumerate(e) if c != target)
+        return 1 / (1 + rest), rest / (1 + rest)
+
+    b_s, b_t = binary(s), binary(t)
+    return temperature**2 * sum(q * math.log(q / p) for p, q in zip(b_s, b_t, strict=True))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("p_teacher, p_student", [(0.999, 0.99), (0.9999, 0.999), (0.99, 0.9999)])
+def test_dkd_tckd_is_precise_at_confident_targets(temperature, p_teacher, p_student):
+    """At p_target 0.999-0.9999, log p_target from z_t - logsumexp(z) kept only 3 digits in float32;
+    via the target-vs-rest gap TCKD matches a float64 computation to 1e-6 (from the float32 logits)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([3, 7])
+    s = torch.stack([logits_with_target_probability(p_student, temperature, c, g) for c in y.tolist()])
+    t = torch.stack([logits_with_target_probability(p_teacher, temperature, c, g) for c in y.tolist()])
+    want = sum(tckd_by_hand(a, b, c, temperature) for a, b, c in zip(s.tolist(), t.tolist(), y.tolist(), strict=True))
+    tckd, _ = dkd_losses(s, t, y, temperature)
+    assert tckd.item() == pytest.approx(want / 2, rel=1e-6)
+
+
 def test_dkd_decomposes_hinton_kd():
     """The paper's identity: KD = TCKD + (1 - p_t^teacher) NCKD (per sample)."""
     s, t, y = torch.randn(1, 10), torch.randn(1, 10), torch.tensor([4])
