@@ -371,6 +371,29 @@ def test_import_legacy_twice(client: MlflowClient, beta_tree: Path, capsys: pyte
     assert row(summary, method="logit", alpha=0.5).d_teacher_final == pytest.approx(66.0 - 80.0)
 
 
+class CreatesAFile:
+    """A pickle payload that, unpickled by plain pickle, creates `path` (what a hostile file could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def test_import_legacy_never_runs_a_hostile_best_pth(tmp_path: Path) -> None:
+    """best.pth is read by torch's weights-only unpickler: the file's callable is refused, not called,
+    and the directory is skipped naming it."""
+    root = tmp_path / "beta"
+    legacy_dir(root, "Cifar10/pure/ResNet8/0", "ResNet8", [40.0, 60.0, 65.0])
+    planted = tmp_path / "planted"
+    torch.save({"weights": CreatesAFile(planted)}, root / "experiments/Cifar10/pure/ResNet8/0/best.pth")
+    runs, bad = legacy.scan(root / "experiments")
+    assert runs == [] and not planted.exists()
+    [(path, why)] = bad
+    assert path == Path("Cifar10/pure/ResNet8/0") and "best.pth is refused" in why and "open" in why, why
+
+
 def test_import_legacy_deletes_a_run_whose_writing_fails(
     client: MlflowClient, beta_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
 import stat
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -131,24 +133,30 @@ def test_charlie_dry_run_plans_240_runs_teachers_first_and_touches_nothing(store
 # ----------------------------------------------------------------------------------------- planner
 
 def test_plan_rules(store):
-    """finished / live job / lease / dead job / failed / teacher / max-queued / packs, on real runs."""
+    """finished / live job / lease / dead job / failed / teacher / max-queued / packs, on real runs.
+
+    The jobs are `local` ones (PID.START), so `observe` asks a real scheduler without needing Slurm:
+    this test process is the live job; the same PID with another start time is a gone one.
+    """
     client = get_client()
     specs = list(load_grid("smoke", ["epochs=3"]).specs)  # teacher, pure, logit, attention_transfer, rkd
     teacher, pure, logit, at, rkd = specs
+    live_job = f"{os.getpid()}.{int(psutil.Process().create_time() * 100)}"
+    gone_job = f"{os.getpid()}.0"  # a reused PID is not the job
     finished = create_spec_run(client, teacher, "smoke")
     client.set_terminated(finished, "FINISHED")
-    create_spec_run(client, pure, "smoke", {"kd.job_id": "41", "kd.scheduler": "slurm"})
-    killed = create_spec_run(client, logit, "smoke", {"kd.job_id": "42", "kd.scheduler": "slurm"})
+    create_spec_run(client, pure, "smoke", {"kd.job_id": live_job, "kd.scheduler": "local"})
+    killed = create_spec_run(client, logit, "smoke", {"kd.job_id": gone_job, "kd.scheduler": "local"})
     client.set_terminated(killed, "KILLED")
     failed = create_spec_run(client, at, "smoke", {"kd.error": "TrainingDiverged: loss nan\nmore"})
     client.set_terminated(failed, "FAILED")
     seen = observe(client, "smoke")
-    seen.live_jobs = {("slurm", "41")}  # job 41 is queued, 42 is gone
+    assert seen.live_jobs == {("local", live_job)}
     seen.teacher_ready = lambda spec: True
     actions = {item.spec.key(): (item.action, item.note) for item in plan(specs, seen, max_queued=10).items}
     assert actions[teacher.key()][0] == SKIP_FINISHED
-    assert actions[pure.key()] == (SKIP_RUNNING, "slurm job 41")
-    assert actions[logit.key()][0] == RESUME and "job 42 gone" in actions[logit.key()][1]
+    assert actions[pure.key()] == (SKIP_RUNNING, f"local job {live_job}")
+    assert actions[logit.key()][0] == RESUME and f"job {gone_job} gone" in actions[logit.key()][1]
     assert actions[at.key()] == (SKIP_FAILED, "TrainingDiverged: loss nan; --retry-failed resubmits")
     assert actions[rkd.key()][0] == SUBMIT
     retried = plan(specs, seen, max_queued=10, retry_failed=True)

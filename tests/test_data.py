@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import shutil
 import socket
@@ -17,6 +18,7 @@ from scipy.io import savemat
 
 import kd.data.fashion_mnist as fashion_mnist
 from kd.data import DATASETS, DataError, ImageData, load_dataset
+from kd.spec import SpecError
 
 rng = np.random.default_rng(0)
 
@@ -163,6 +165,30 @@ def test_cifar_malformed_file_names_it(tmp_path: Path, offline: None, corrupt) -
     with pytest.raises(DataError) as error:
         load_dataset("cifar10", tmp_path)
     assert_one_line_error(error, bad, "delete it")
+
+
+class Hostile:
+    """Unpickled by plain pickle, this calls `call(*args)`: what a tampered batch could run."""
+
+    def __init__(self, call: object, *args: object) -> None:
+        self.call, self.args = call, args
+
+    def __reduce__(self) -> tuple:
+        return (self.call, self.args)
+
+
+@pytest.mark.parametrize("payload", ["open", "system"])
+def test_cifar_hostile_pickle_is_refused_before_it_runs(tmp_path: Path, offline: None, payload: str) -> None:
+    """A batch whose unpickling would create a file: refused by name, the file never created."""
+    write_cifar(tmp_path, "cifar10")
+    planted = tmp_path / "planted"
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    call = Hostile(open, str(planted), "w") if payload == "open" else Hostile(os.system, f"touch {planted}")
+    bad.write_bytes(pickle.dumps({b"data": call, b"labels": [0, 1, 2]}, protocol=2))
+    with pytest.raises(SpecError) as error:
+        load_dataset("cifar10", tmp_path)
+    assert not planted.exists()
+    assert_one_line_error(error, bad, "refused", "io.open" if payload == "open" else "system")
 
 
 @pytest.mark.parametrize("name", list(CIFAR))

@@ -8,6 +8,7 @@ tallies, tensor learning rates, warm-up, re-capture, the eager tail, the guard) 
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import nullcontext
 
@@ -212,9 +213,22 @@ def test_compiled_forwards_leave_no_trace_and_a_failing_compiler_trains_uncompil
     assert_same_training(fused, plain)
 
 
+DRIFT = 3e-3  # of a loss's terms, after two epochs compiled vs eager (see below)
+KD_TEMPERATURE = RunSpec.create(**COMMON, teacher="ResNet8", method="logit", alpha=0.5).temperature
+
+
 def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack, as_on_a_gpu):
     """`--compile` with inductor (C++ kernels on the CPU), solo on the eager Trainer and as a graphed
-    pack: fused kernels round differently, so the metrics equal the eager runs' to float tolerance."""
+    pack: fused kernels round differently, so the metrics equal the eager runs' to float tolerance.
+
+    Inductor reorders float32 sums (differently for each CPU's vector width), and 14 SGD steps grow
+    those 1e-7 roundings to about 1e-3 of the magnitude of the terms a loss is computed from. For
+    cross-entropies that magnitude is the loss itself (tolerance relative); the KD loss
+    T^2 KL(p_t || p_s) = T^2 (H(p_t, p_s) - H(p_t)) is the small difference of two entropies of up
+    to log(classes) each, so its error is measured on T^2 log(classes), not on its own value (8e-3
+    of it on one CPU). The compiled part is the forward: a wrong one moves loss_ce, train_loss and
+    test_loss by far more than 3e-3 of themselves.
+    """
     solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", device="cpu", compile=True,
                      progress=False)
     as_on_a_gpu(Uncaptured())
@@ -225,9 +239,13 @@ def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack
         assert got.keys() == want.keys()
         for key, history in want.items():
             assert [s for s, _ in got[key]] == [s for s, _ in history]
-            # two epochs drift losses by about 1e-3 relative; accuracies in percent, 1.0 ~ 3 digits images
-            close = pytest.approx([v for _, v in history], abs=1.0) if key.endswith("_acc") else \
-                pytest.approx([v for _, v in history], rel=3e-3)
+            values = [v for _, v in history]
+            if key.endswith("_acc"):  # in percent: 1.0 ~ 3 digits images
+                close = pytest.approx(values, abs=1.0)
+            elif key == "loss_kd":
+                close = pytest.approx(values, abs=DRIFT * KD_TEMPERATURE**2 * math.log(10))
+            else:
+                close = pytest.approx(values, rel=DRIFT)
             assert [v for _, v in got[key]] == close, key
         assert MlflowClient().get_run(outcome.run_id).data.tags["kd.compile"] == compiled.ON
     assert [tag(o.run_id) for o in packed] == [fast.GRAPH] * 2

@@ -119,17 +119,24 @@ def test_kd_loss_is_hinton_by_hand(batch, classes, temperature):
     assert kd_loss(s, t, temperature).item() == pytest.approx(temperature**2 * total / batch, rel=1e-4)
 
 
+def normalised_distances_by_hand(e: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 of Park et al. in float64 loops: d_ij / mu, mu = sum of d_ij over i != j / (n (n - 1));
+    all 0 when mu = 0 (every sample equal)."""
+    rows = e.double().tolist()
+    n = len(rows)
+    d = [[math.dist(rows[i], rows[j]) for j in range(n)] for i in range(n)]
+    mu = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    return torch.tensor([[d[i][j] / mu if mu > 0 else 0.0 for j in range(n)] for i in range(n)], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("n, dim, repeated", [(5, 3, False), (4, 7, False), (2, 2, False), (6, 3, True)])
 def test_rkd_losses_match_loops_over_pairs_and_triplets(n, dim, repeated):
     """`repeated`: the last sample repeats the first in both networks (a batch with one image twice):
-    the distance scale is the mean over distinct pairs, d[d > 0].mean() as in the authors' code."""
+    that pair is at distance 0 and counts in the scale mu, the mean over all i != j (eq. 3)."""
     s, t = torch.randn(n, dim), torch.randn(n, dim)
     if repeated:
         s[-1], t[-1] = s[0], t[0]
-
-    def distances(e):
-        d = torch.tensor([[(e[i] - e[j]).norm().item() for j in range(n)] for i in range(n)])
-        return d / d[d > 0].mean()
+    distances = normalised_distances_by_hand
 
     def cosines(e):
         out = torch.zeros(n, n, n)
@@ -147,6 +154,25 @@ def test_rkd_losses_match_loops_over_pairs_and_triplets(n, dim, repeated):
     assert rkd_angle_loss(s, t).item() == pytest.approx(
         huber(cosines(s) - cosines(t)).mean().item(), rel=1e-5
     )
+
+
+def test_rkd_distance_of_a_collapsed_student_is_the_teachers_huber_cost():
+    """Every student embedding equal (mu = 0): its normalised distances are 0, so the term is the
+    mean Huber cost of the teacher's normalised distances, about 0.4 x 25, not 2.2e7, and finite
+    with a finite gradient. float32 sums of 8 x 8 O(1) terms: 1e-5 relative is ample."""
+    torch.manual_seed(0)
+    s = torch.randn(1, 16, 1, 1).expand(8, 16, 1, 1).clone().requires_grad_()  # the pooled map
+    t = torch.randn(8, 16, 1, 1)
+    want = sum(huber_by_hand(0.0, x) for row in normalised_distances_by_hand(t.flatten(1)).tolist() for x in row) / 64
+    logits = torch.zeros(8, 10)
+    got = make("rkd", [], [])([s, logits], [t, logits], torch.zeros(8, dtype=torch.long), 1)["loss_rkd_distance"]
+    assert got.item() == pytest.approx(25 * want, rel=1e-5) and 0 < want < 1
+    got.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def huber_by_hand(x: float, y: float) -> float:
+    return 0.5 * (x - y) ** 2 if abs(x - y) < 1 else abs(x - y) - 0.5
 
 
 @pytest.mark.parametrize("cs, ct", [(3, 5), (4, 4), (1, 2)])
@@ -223,6 +249,41 @@ def test_dkd_terms_match_probabilities_computed_directly(temperature):
     got_tckd, got_nckd = dkd_losses(s, t, y, temperature)
     assert got_tckd.item() == pytest.approx(tckd / 5 * temperature**2, rel=1e-4)
     assert got_nckd.item() == pytest.approx(nckd / 5 * temperature**2, rel=1e-4)
+
+
+def logits_with_target_probability(p: float, temperature: float, target: int, g: torch.Generator) -> torch.Tensor:
+    """(10,) float32 logits whose softmax at `temperature` gives the target about probability p."""
+    z = torch.randn(10, generator=g, dtype=torch.float64)
+    rest = torch.cat([z[:target], z[target + 1 :]]) / temperature
+    z[target] = temperature * (math.log(p / (1 - p)) + rest.logsumexp(0).item())
+    return z.float()
+
+
+def tckd_by_hand(s: list[float], t: list[float], target: int, temperature: float) -> float:
+    """T^2 KL between the (p_target, 1 - p_target) pairs, in float64 with 1 - p summed from the
+    other classes' probabilities (no cancellation)."""
+
+    def binary(z: list[float]) -> tuple[float, float]:
+        e = [math.exp((v - z[target]) / temperature) for v in z]  # the target's is 1
+        rest = sum(v for c, v in enumerate(e) if c != target)
+        return 1 / (1 + rest), rest / (1 + rest)
+
+    b_s, b_t = binary(s), binary(t)
+    return temperature**2 * sum(q * math.log(q / p) for p, q in zip(b_s, b_t, strict=True))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("p_teacher, p_student", [(0.999, 0.99), (0.9999, 0.999), (0.99, 0.9999)])
+def test_dkd_tckd_is_precise_at_confident_targets(temperature, p_teacher, p_student):
+    """At p_target 0.999-0.9999, log p_target from z_t - logsumexp(z) kept only 3 digits in float32;
+    via the target-vs-rest gap TCKD matches a float64 computation to 1e-6 (from the float32 logits)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([3, 7])
+    s = torch.stack([logits_with_target_probability(p_student, temperature, c, g) for c in y.tolist()])
+    t = torch.stack([logits_with_target_probability(p_teacher, temperature, c, g) for c in y.tolist()])
+    want = sum(tckd_by_hand(a, b, c, temperature) for a, b, c in zip(s.tolist(), t.tolist(), y.tolist(), strict=True))
+    tckd, _ = dkd_losses(s, t, y, temperature)
+    assert tckd.item() == pytest.approx(want / 2, rel=1e-6)
 
 
 def test_dkd_decomposes_hinton_kd():

@@ -150,7 +150,12 @@ def check_weights(path: Path, spec: RunSpec) -> None:
         weights = load_weights_only(path)["weights"]
         create_model(spec.model, info.num_classes, info.channels, info.image_size).load_state_dict(weights)
     except Exception as err:  # unpicklable, no 'weights', or the wrong architecture
-        raise Malformed(f"best.pth does not load into {spec.model}: {str(err).splitlines()[0][:200]}") from None
+        lines = str(err).splitlines()
+        # torch's weights-only unpickler names the callable it refused (nothing ran) in one of its lines
+        refused = [line.strip() for line in lines if "GLOBAL" in line]
+        if refused:
+            raise Malformed(f"best.pth is refused, it asks to run code: {refused[0][:200]}") from None
+        raise Malformed(f"best.pth does not load into {spec.model}: {lines[0][:200]}") from None
 
 
 def read_run(directory: Path, root: Path, teachers: set[str]) -> LegacyRun:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd import safe_pickle
 from kd.data.base import DatasetInfo, ImageData, channel_stats, fetch_or_explain, malformed, register_dataset
 
 
@@ -48,12 +49,14 @@ PARSE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeErro
 
 
 def read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch -> (N, 3, 32, 32) uint8 images (rows are CHW) and int64 labels."""
+    """One pickled batch -> (N, 3, 32, 32) uint8 images (rows are CHW) and int64 labels; a batch that
+    asks the unpickler for anything but data is refused before it can run (safe_pickle)."""
     try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = safe_pickle.load(path, encoding="bytes")  # Python 2 str -> bytes, as the keys are
         images = np.asarray(batch[b"data"])
         labels = np.asarray(batch[label_key], dtype=np.int64)
+    except safe_pickle.UnsafePickle:
+        raise  # already one line naming the file and what it asked for
     except PARSE_ERRORS as e:
         raise malformed(path, f"{type(e).__name__}: {e}") from None
     if (

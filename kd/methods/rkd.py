@@ -1,9 +1,13 @@
 """Relational knowledge distillation (Park, Kim, Lu, Cho 2019, "Relational Knowledge Distillation").
 
 On the pooled embeddings e (global average pool of the last stage) of a batch:
-- distance: pairwise Euclidean distances, each divided by the mean distance between distinct
-  samples of its own network (the authors' `d[d > 0].mean()`), compared with the Huber (smooth
-  L1) loss;
+- distance: pairwise Euclidean distances, each divided by its own network's mean distance mu over
+  all pairs i != j (eq. 3; a sample repeated in the batch is a pair at distance 0), compared with
+  the Huber (smooth L1) loss. A collapsed network (every embedding equal, mu = 0) has no distance
+  structure: its normalised distances are all 0, so the term is the Huber cost of the teacher's
+  normalised distances, finite and the same for every collapsed student. (The authors'
+  `d[d > 0].mean()` leaves repeated samples out of mu, and with every sample equal divides the
+  floor by itself: the weighted term jumped to 2.2e7 with zero gradient.)
 - angle: cos of the angle at e_j between (e_i - e_j) and (e_k - e_j) for every triplet (i, j, k),
   compared with the Huber loss; degenerate triplets (i = j or k = j) count as cos 0
   on both sides, as in the authors' code.
@@ -33,11 +37,14 @@ def pairwise_distances(e: Tensor) -> Tensor:
 
 
 def normalised_distances(e: Tensor) -> Tensor:
-    """Distances divided by their mean over the pairs of distinct samples (`d[d > 0].mean()` in the
-    authors' code), as mask arithmetic: no data-dependent shape, so a CUDA graph can capture it."""
+    """Distances divided by their mean over all pairs i != j (0 for identical samples), as mask
+    arithmetic: no data-dependent shape, so a CUDA graph can capture it. All 0 when every sample is
+    the same (mu = 0): a collapsed network has no distance structure to compare."""
+    n = e.shape[0]
     d = pairwise_distances(e)
-    distinct = (d > EPS**0.5).to(d.dtype)  # identical samples sit at exactly sqrt(EPS), the diagonal at 0
-    return d / ((d * distinct).sum() / distinct.sum().clamp_min(1)).clamp_min(EPS)
+    d = d * (d > EPS**0.5).to(d.dtype)  # identical samples sit at exactly sqrt(EPS): they are at 0
+    mu = d.sum() / max(n * (n - 1), 1)
+    return d / mu.clamp_min(EPS)  # mu = 0 only if d is all 0, and then 0 / EPS = 0
 
 
 def triplet_cosines(e: Tensor) -> Tensor:
