@@ -8,11 +8,14 @@ test_cluster_server.py.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import io
 import os
 import shlex
+import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -257,6 +260,31 @@ def test_pbs_and_slurm_scripts_carry_the_resources():
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     scratch = render("slurm", settings(scratch=True, gpus=0, venv=None, conda_env="kd"), "kd-x", ["kd"], {})
     assert 'cd "${TMPDIR:-/tmp}"' in scratch and "conda activate kd" in scratch and "gres" not in scratch
+
+
+def test_job_templates_are_package_data_read_from_the_package_not_the_checkout(tmp_path):
+    """pbs_templates/ is the one copy in git; kd/cluster/job_templates links to it, so a wheel ships
+    the files as package data of kd.cluster (built and rendered in .ci/check_wheel.sh). Here: a copy
+    of the package (the link followed, as in a wheel) with no pbs_templates/ beside it renders."""
+    root = Path(__file__).resolve().parents[1]
+    link = root / "kd" / "cluster" / "job_templates"
+    assert link.is_symlink() and link.resolve() == (root / "pbs_templates").resolve()
+    shipped = importlib.resources.files("kd.cluster") / "job_templates"
+    for template in (root / "pbs_templates").glob("*.tmpl"):
+        assert (shipped / template.name).read_text() == template.read_text()
+    shutil.copytree(root / "kd", tmp_path / "site" / "kd", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, kd.cluster.templates as t\n"
+            "from kd.cluster.templates import JobSettings, render\n"
+            "s = JobSettings(venv='/v', workdir='/w', data_root='/d', jobs_dir='/j').resolved()\n"
+            "print(t.__file__)\n"
+            "for kind in ('pbs', 'slurm', 'local'): print(render(kind, s, 'kd-x', ['kd', 'job'], {}))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(tmp_path / "site" / "kd" / "cluster" / "templates.py"))
+    assert not (tmp_path / "pbs_templates").exists() and not (tmp_path / "site" / "pbs_templates").exists()
+    for header in ("#PBS -l walltime=02:00:00", "#SBATCH --time=02:00:00", "cd /w"):
+        assert header in done.stdout
 
 
 @pytest.mark.parametrize(("setting", "needle"), [

@@ -1,5 +1,10 @@
 """Job scripts from pbs_templates/: settings validated, every value shell-quoted.
 
+The templates ship inside the package, in kd/cluster/job_templates/: in git a symlink to the
+top-level pbs_templates/, which stays the one copy; a wheel holds the files themselves. They are
+read with importlib.resources, so `pip install .` and a built wheel find them as an editable
+install does.
+
 Settings come from grid YAML files and `--set`, i.e. from text a user (or a colleague's grid)
 wrote; a job script is run by a shell on the cluster. So every value is first checked against
 what it can legitimately be (a walltime is HH:MM:SS, a queue a plain word, a path has no shell
@@ -10,6 +15,7 @@ Scheduler directives (`#PBS`, `#SBATCH`) are not shell, so only plain words go t
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import re
 import shlex
@@ -21,7 +27,7 @@ from typing import Any
 
 from kd.spec import DEFAULT_COLLAPSE_AFTER, SpecError, check_precision
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "pbs_templates"
+TEMPLATES = "job_templates"  # package data of kd.cluster; kd/cluster/job_templates -> ../../pbs_templates
 
 _ALNUM = string.ascii_letters + string.digits
 WORD_CHARS = set(_ALNUM + "_.:+=/@,%-")  # queue, project, partition, gres, constraint, job names
@@ -209,4 +215,4 @@ def directives(prefix: str, flags: dict[str, str | None]) -> str:
 
 
 def load_template(name: str) -> string.Template:
-    return string.Template((TEMPLATES_DIR / name).read_text())
+    return string.Template((importlib.resources.files("kd.cluster") / TEMPLATES / name).read_text())
