@@ -433,7 +433,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     wait_for(lambda: client.get_run(run_id).info.status == "FINISHED", 180, "the resumed run to finish")
     final = client.get_run(run_id)
     assert final.data.tags["kd.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"
-    assert "--device cpu --precision fp32 --collapse-after 10\n" in Path(final.data.tags["kd.job_log"]).with_suffix(".sh").read_text()
+    assert "--device cpu --precision fp32 --collapse-after 10 --tracking direct --journal-dir " in Path(final.data.tags["kd.job_log"]).with_suffix(".sh").read_text()
     assert f"resuming run {run_id}" in Path(final.data.tags["kd.job_log"]).read_text()
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(steps) == list(range(1, 13))

@@ -40,17 +40,22 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
     """Register a finished teacher's best.pth and point its seed alias at the new version, exactly once.
 
     The job's sender, `kd sync` and the submitter's repair may all try at the same moment: the
-    ledger's claim `<run id>/register/<n>` decides who registers; the others return None."""
+    ledger's claim `<run id>/register/<n>` decides who registers; the others return None. A claim
+    that never got its `/done` (the claimant died) is taken over after TAKEOVER_S; a done one whose
+    version was deleted since is registered again."""
     name = registered_name(spec.dataset, spec.model)
     if registered_version(client, name, run_id) is not None:
         return None
     ledger = Ledger(client)
-    claims = ledger.claims(f"{run_id}/register/")
-    if claims:  # someone claimed it: theirs unless they died before creating the version
-        latest = claims[max(claims, key=lambda k: int(k.rsplit("/", 1)[1]))]
-        if time.time() - float(latest.rsplit("@", 1)[1]) < TAKEOVER_S:
+    prefix = f"{run_id}/register"
+    claims = ledger.claims(prefix + "/")
+    taken = [int(k.removeprefix(prefix + "/")) for k in claims if k.removeprefix(prefix + "/").isdigit()]
+    if taken:  # claimed before: in progress elsewhere, unless it was done (and the entry deleted since)
+        latest = max(taken)
+        done = f"{prefix}/{latest}/done" in claims
+        if not done and time.time() - float(claims[f"{prefix}/{latest}"].rsplit("@", 1)[1]) < TAKEOVER_S:
             return None
-    won, _, _ = ledger.claim_next(f"{run_id}/register", f"{owner_id()}@{time.time():.0f}")
+    won, _, generation = ledger.claim_next(prefix, f"{owner_id()}@{time.time():.0f}")
     if not won:
         return None
     try:
@@ -62,6 +67,7 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
             "kd.key": spec.key()}
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias(spec.seed), version.version)
+    ledger.claim(f"{prefix}/{generation}/done", str(version.version))
     return f"{name}@{alias(spec.seed)} (version {version.version})"
 
 
