@@ -18,6 +18,7 @@ from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3
 EXIT_KILLED = 143
+EXIT_STORE = 4  # the tracking store failed during the command (infrastructure, not input)
 
 # Spec fields that are set by the command itself rather than by a flag.
 NOT_FLAGS = {"options"}
@@ -328,6 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Stopped as stop:
         print(f"kd: SIGTERM: checkpoint written, run marked KILLED ({stop})", file=sys.stderr)
         return EXIT_KILLED
+    except Exception as err:  # the store failed mid-command (it answered at the start): one line, not a traceback
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        print(f"kd: the tracking store failed: {str(err).splitlines()[0][:300]}; run the same command again "
+              "when it answers (a run resumes where it stopped)", file=sys.stderr)
+        return EXIT_STORE
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def test_a_job_that_ends_while_the_store_is_away_is_synced_later(server, tmp_pat
     """Exit 0 with the run unsynced; `kd sync` makes it FINISHED with every epoch and registers the
     teacher; a second job's journal is shipped by one `kd submit` round instead."""
     proc = start_kd(*TEACHER, "--epochs", "3", "--sync-timeout", "2")
-    wait_until(lambda: runs("kd") and runs("kd")[0].info.status == "RUNNING", what="the run to start")
+    wait_until(lambda: runs("kd") and int(runs("kd")[0].data.tags.get("kd.epoch", 0)) >= 1, what="epoch 1")
     run_id = runs("kd")[0].info.run_id
     server.stop()
     out, err = proc.communicate(timeout=600)
@@ -193,20 +193,22 @@ def test_a_job_that_ends_while_the_store_is_away_is_synced_later(server, tmp_pat
     assert [s for s, _ in histories(run_id)["test_acc"]] == [1, 2, 3]
     assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id == run_id
     # the same through one submit round, for a student whose job ended while the store was away
-    proc = start_kd(*STUDENT, "--sync-timeout", "2")
-    wait_until(lambda: runs("kd", "tags.`kd.role` = 'student'"), what="the student's run")
+    proc = start_kd(*STUDENT, "--epochs", "3", "--sync-timeout", "2")
+    wait_until(lambda: [r for r in runs("kd", "tags.`kd.role` = 'student'") if r.data.tags.get("kd.epoch")],
+               what="the student's first epoch")
     (student,) = runs("kd", "tags.`kd.role` = 'student'")
     server.stop()
     assert proc.wait(timeout=600) == 0
     server.start()
     grid = tmp_path / "grid.yaml"
-    grid.write_text("name: sync\nexperiment: kd\nspec: {dataset: digits, epochs: 2, batch_size: 64, train_limit: 640}\n"
-                    "runs:\n  - {model: ResNet8, teacher: ResNet8, method: logit, alpha: 0.5}\n")
+    grid.write_text("experiment: kd\ndatasets: [digits]\nseeds: [0]\nteacher: ResNet8\nstudent: ResNet8\n"
+                    "pure_student: false\nmethods: [logit]\nalphas: [0.5]\n"
+                    "spec: {epochs: 3, batch_size: 64, train_limit: 640}\n")
     submitted = run_kd("submit", "--grid", str(grid), "--scheduler", "local")
     assert submitted.returncode == 0, submitted.stderr
     assert f"synced run {student.info.run_id}" in submitted.stdout
     assert MlflowClient().get_run(student.info.run_id).info.status == "FINISHED"
-    assert "skip-finished 1" in submitted.stdout
+    assert "skip-finished 2" in submitted.stdout  # the teacher and the student, both synced
 
 
 def identical_at_once(*args: str, n: int = 4) -> list[subprocess.CompletedProcess]:
@@ -315,7 +317,7 @@ SLURM = pytest.mark.skipif(not (shutil.which("sinfo") and os.environ.get("KD_TES
 
 @pytest.mark.parametrize("scheduler", ["local", pytest.param("slurm", marks=[pytest.mark.slurm, SLURM])])
 def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp_path, scheduler):
-    """6 runs (a teacher, then its 5 students) whose jobs never open the store: their environment
+    """6 runs (a teacher and a pure student, then 4 KD students) whose jobs never open the store: their environment
     points MLFLOW_TRACKING_URI at nothing. Submit rounds ingest the journals: every run FINISHED, every
     epoch's points there once."""
     grid = tmp_path / "journal.yaml"
@@ -331,7 +333,7 @@ def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp
             break
         assert time.time() < deadline, "\n".join(outputs[-2:])
         time.sleep(3)
-    assert "wait-for-teacher 5" in outputs[0]
+    assert "wait-for-teacher 4" in outputs[0]  # the pure student goes with the teacher
     scripts = list((tmp_path / "kd-jobs" / "journal").glob("*.sh"))
     assert scripts and all("export MLFLOW_TRACKING_URI=journal-only" in s.read_text() for s in scripts)
     for run in finished:
