@@ -133,7 +133,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     from kd.engine.job import run_specs
     from kd.tracking.registry import register_if_missing
     from kd.tracking.runs import AlreadyFinished
-    from kd.tracking.store import get_client, ui_command
+    from kd.tracking.store import experiment_id, get_client, ui_hint
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
@@ -152,7 +152,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:
     for o in outcomes:
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
               + (f", registered {o.registered}" if o.registered else ""))
-    print(f"open the MLflow UI: {ui_command()}")
+    print(ui_hint(experiment_id(get_client(), experiment)))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kd.engine.job import run_specs
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 from kd.tracking.runs import runs_by_key
 from kd.tracking.store import get_client, tracking_uri, ui_command
 
@@ -39,7 +40,7 @@ def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None 
     """`parent_run_id`: the run `mlflow run -e demo` created; the three runs nest under it, and it
     keeps the table as `demo.md`."""
     print(f"kd demo: tracking store {tracking_uri()}, experiment '{experiment}'")
-    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    nested = {T.PARENT_RUN: parent_run_id} if parent_run_id else None
     rows = []
     for label, spec in demo_specs(epochs or DEMO_EPOCHS).items():
         done = best_acc(spec, experiment)

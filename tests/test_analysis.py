@@ -277,7 +277,7 @@ def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:
     assert kd("plot") == 0
     for run_id in (teacher, running):
         run = client.get_run(run_id)
-        assert run.data.tags["kd.plotted_epoch"] == run.data.tags["kd.epoch"]
+        assert run.data.tags["ops.plotted_epoch"] == run.data.tags["kd.epoch"]
         names = {f.path for f in client.list_artifacts(run_id)}
         assert {"Accuracy.png", "Loss.png"} <= names
         for name in ("Accuracy.png", "Loss.png"):
@@ -287,7 +287,7 @@ def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:
     assert plot_runs(client, "kd") == (0, 2)
     client.log_batch(running, metrics=[Metric("test_acc", 50.0, 0, 3)], tags=[RunTag("kd.epoch", "3")])
     assert plot_runs(client, "kd") == (1, 1)
-    assert client.get_run(running).data.tags["kd.plotted_epoch"] == "3"
+    assert client.get_run(running).data.tags["ops.plotted_epoch"] == "3"
     assert plot_runs(client, "kd", force=True) == (2, 0)
 
 

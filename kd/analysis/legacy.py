@@ -30,6 +30,7 @@ from kd.data import DATASETS
 from kd.engine.checkpoint import load_weights_only
 from kd.models import MODELS, create_model
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.runs import spec_tags
 from kd.tracking.store import experiment_id
 
@@ -208,8 +209,8 @@ def write_run(client: MlflowClient, exp_id: str, item: LegacyRun) -> str:
             points += [Metric("best_test_acc", max(acc), ts, epochs), Metric("final_test_acc", acc[-1], ts, epochs)]
         for start in range(0, len(points), BATCH):
             client.log_batch(run_id, metrics=points[start : start + BATCH])
-        identity = {"kd.key", "kd.source"}
-        tags = {**{k: v for k, v in spec_tags(spec).items() if k not in identity}, "kd.epoch": str(epochs),
+        identity = {T.KEY, T.SOURCE}
+        tags = {**{k: v for k, v in spec_tags(spec).items() if k not in identity}, T.EPOCH: str(epochs),
                 "kd.legacy_path": str(item.path), "kd.legacy_status": item.status}
         client.log_batch(run_id, params=[Param(k, v) for k, v in spec.params().items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
@@ -219,7 +220,7 @@ def write_run(client: MlflowClient, exp_id: str, item: LegacyRun) -> str:
         if item.has_best:
             client.log_artifact(run_id, str(item.directory / "best.pth"))
         client.set_terminated(run_id, STATUSES[item.status])
-        client.log_batch(run_id, tags=[RunTag("kd.key", spec.key()), RunTag("kd.source", SOURCE)])
+        client.log_batch(run_id, tags=[RunTag(T.KEY, spec.key()), RunTag(T.SOURCE, SOURCE)])
     except BaseException:
         client.delete_run(run_id)
         raise
@@ -234,7 +235,7 @@ def import_legacy(
     items, skipped = scan(root, teachers)
     result = ImportResult(skipped=skipped)
     exp_id = experiment_id(client, experiment)
-    present = {r.data.tags["kd.key"] for r in search_all(client, experiment, f"tags.`kd.source` = '{SOURCE}'")}
+    present = {r.data.tags[T.KEY] for r in search_all(client, experiment, f"tags.`{T.SOURCE}` = '{SOURCE}'")}
     for item in items:
         if item.spec.key() in present:
             result.present.append(item.path)

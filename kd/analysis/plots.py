@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from kd.analysis.collect import histories, training_runs
 from kd.analysis.tables import Panel, best_kd, panel, panels
+from kd.tracking import tags as T
 
 FORMATS = ("png", "pdf")
 
@@ -143,14 +144,14 @@ def run_figures(history: dict[str, pd.DataFrame], title: str) -> dict[str, Figur
 
 def plot_runs(client: MlflowClient, experiment: str, grid: str | None = None, force: bool = False) -> tuple[int, int]:
     """Log `Accuracy.png` and `Loss.png` into every run whose `kd.epoch` moved since its last plot
-    (tag `kd.plotted_epoch`), so a cron job redraws only what changed. Returns (plotted, up to date)."""
+    (tag `ops.plotted_epoch`), so a cron job redraws only what changed. Returns (plotted, up to date)."""
     plotted = current = 0
     for run in training_runs(client, experiment):
         tags = run.data.tags
-        epoch = tags.get("kd.epoch")
-        if not epoch or (grid and tags.get("kd.grid") != grid):
+        epoch = tags.get(T.EPOCH)
+        if not epoch or (grid and tags.get(T.GRID) != grid):
             continue
-        if epoch == tags.get("kd.plotted_epoch") and not force:
+        if epoch == tags.get(T.PLOTTED_EPOCH) and not force:
             current += 1
             continue
         run_id = run.info.run_id
@@ -160,6 +161,6 @@ def plot_runs(client: MlflowClient, experiment: str, grid: str | None = None, fo
             for name, fig in run_figures(history, run.info.run_name).items():
                 fig.savefig(Path(tmp) / name, dpi=120, bbox_inches="tight")
                 client.log_artifact(run_id, str(Path(tmp) / name))
-        client.set_tag(run_id, "kd.plotted_epoch", epoch)
+        client.set_tag(run_id, T.PLOTTED_EPOCH, epoch)
         plotted += 1
     return plotted, current

@@ -35,6 +35,7 @@ from kd.cluster.planner import (
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.registry import register_if_missing
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client, tracking_uri
@@ -117,7 +118,7 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
         run_ids = []
         for item in job:
             if item.run is None:
-                run_ids.append(create_spec_run(client, item.spec, experiment, {"kd.grid": grid}))
+                run_ids.append(create_spec_run(client, item.spec, experiment, {T.GRID: grid}))
                 created.append(run_ids[-1])
             else:
                 run_ids.append(item.run.info.run_id)
@@ -134,8 +135,8 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
         for run_id in created:
             client.delete_run(run_id)
         raise
-    tags = {"kd.job_id": job_id, "kd.scheduler": sched.name, "kd.grid": grid, "kd.job_log": str(log),
-            "kd.submitted_at": utc_now()}
+    tags = {T.JOB_ID: job_id, T.SCHEDULER: sched.name, T.GRID: grid, T.JOB_LOG: str(log),
+            T.SUBMITTED_AT: utc_now()}
     try:
         for run_id in run_ids:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -50,6 +50,7 @@ from kd.engine.trainer import (
 )
 from kd.methods.base import Method
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 
 GRAPH = "cuda_graph"
 WARMUP_STEPS = 3  # eager steps on a side stream before each capture (PyTorch's recipe uses 3)
@@ -373,6 +374,6 @@ class GraphedTrainer(Trainer):
             s.optimizer.zero_grad(set_to_none=True)
             if s.scaler is not None:
                 s.scaler._per_optimizer_states.clear()  # what update() resets; a capture may stop midway
-            s.tag({"kd.step_mode": self.failure})
+            s.tag({T.STEP_MODE: self.failure})
         self.settle()
         print(f"kd: CUDA graph capture failed, training eagerly: {reason}", file=sys.stderr, flush=True)

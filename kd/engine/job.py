@@ -38,6 +38,7 @@ from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
+from kd.tracking import tags as T
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker, runs_by_key
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
@@ -104,7 +105,7 @@ def started_with(client: MlflowClient, spec: RunSpec, experiment: str) -> str | 
     runs = runs_by_key(client, spec.key(), experiment)
     if not runs or runs[0].info.status == "FINISHED":
         return None
-    return runs[0].data.tags.get("kd.teacher_run")
+    return runs[0].data.tags.get(T.TEACHER_RUN)
 
 
 @contextmanager
@@ -187,15 +188,15 @@ def run_specs(
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:
-                    tracker.client.set_tag(tracker.run_id, "kd.teacher_source", source)
+                    tracker.client.set_tag(tracker.run_id, T.TEACHER_SOURCE, source)
                     if teacher_run:  # from the registry: the teacher this student keeps after a resume
-                        tracker.client.set_tag(tracker.run_id, "kd.teacher_run", teacher_run)
+                        tracker.client.set_tag(tracker.run_id, T.TEACHER_RUN, teacher_run)
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
-                    tracker.client.set_tag(tracker.run_id, "kd.init_source", init_source)
+                    tracker.client.set_tag(tracker.run_id, T.INIT_SOURCE, init_source)
                 students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
-                students[-1].tag({"kd.step_mode": mode, "kd.compile": compiled.ON if compile else compiled.OFF,
-                                  "kd.precision": amp.name, "kd.cudnn_deterministic": str(cudnn_deterministic).lower()})
+                students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if compile else compiled.OFF,
+                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(cudnn_deterministic).lower()})
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:

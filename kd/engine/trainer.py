@@ -31,6 +31,7 @@ from kd.engine.compiled import CompiledForwards
 from kd.engine.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
+from kd.tracking import tags as T
 from kd.tracking.runs import RunTracker
 
 MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
@@ -322,7 +323,7 @@ class Trainer:
         self.forwards.prepare(self.teacher, [s.model for s in self.students], x, y, precision.autocast)
         if self.forwards.state != before:  # compilation failed: the runs say so
             for s in self.students:
-                s.tag({"kd.compile": self.forwards.state})
+                s.tag({T.COMPILE: self.forwards.state})
         return self.forwards
 
     def settle(self) -> None:

@@ -14,6 +14,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 
 
 class MissingTeacher(SpecError):
@@ -41,7 +42,7 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
         pass
     source = f"{client.get_run(run_id).info.artifact_uri}/best.pth"
     tags = {"dataset": spec.dataset, "model": spec.model, "seed": str(spec.seed), "test_acc": f"{test_acc:.2f}",
-            "kd.key": spec.key()}
+            T.KEY: spec.key()}
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias(spec.seed), version.version)
     return f"{name}@{alias(spec.seed)} (version {version.version})"

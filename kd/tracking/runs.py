@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.store import experiment_id, get_client
 
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
@@ -40,18 +41,12 @@ class AlreadyFinished(RunRefused):
 
 
 def spec_tags(spec: RunSpec) -> dict[str, str]:
-    """The searchable identity of a run (ARCHITECTURE.md contract 2)."""
-    tags = {
-        "kd.key": spec.key(),
-        "kd.role": spec.role,
-        "kd.dataset": spec.dataset,
-        "kd.model": spec.model,
-        "kd.method": spec.method,
-        "kd.alpha": f"{spec.alpha:g}",
-        "kd.seed": str(spec.seed),
-    }
+    """The searchable identity of a run (ARCHITECTURE.md contract 2), spelled as its params."""
+    params = spec.params()
+    tags = {T.KEY: spec.key(), T.ROLE: spec.role, T.DATASET: spec.dataset, T.MODEL: spec.model,
+            T.METHOD: spec.method, T.ALPHA: params["alpha"], T.SEED: params["seed"]}
     if spec.teacher:
-        tags["kd.teacher"] = spec.teacher
+        tags[T.TEACHER] = spec.teacher
     return tags
 
 
@@ -59,7 +54,7 @@ def runs_by_key(client: MlflowClient, key: str, experiment: str) -> list[Run]:
     """Runs of one spec, newest first (more than one only after `--force`)."""
     return client.search_runs(
         [experiment_id(client, experiment)],
-        f"tags.`kd.key` = '{key}'",
+        f"tags.`{T.KEY}` = '{key}'",
         order_by=["attributes.start_time DESC"],
     )
 
@@ -85,10 +80,10 @@ def owner_is_dead_here(owner: str) -> bool:
 
 def lease_is_live(run: Run, now: float | None = None) -> bool:
     """RUNNING with a recent heartbeat from a process that is not known to be dead."""
-    beat = run.data.tags.get("kd.heartbeat")
+    beat = run.data.tags.get(T.HEARTBEAT)
     if run.info.status != "RUNNING" or beat is None:
         return False
-    if owner_is_dead_here(run.data.tags.get("kd.owner", "")):
+    if owner_is_dead_here(run.data.tags.get(T.OWNER, "")):
         return False
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
@@ -106,7 +101,7 @@ def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dic
         if key in logged and not same_param(logged[key], value):
             raise SpecError(f"param {key} is {logged[key]!r} in run {run_id} but the spec has {value!r}: "
                             "pass the same value")
-    tags = {**spec_tags(spec), "mlflow.runName": spec.name(), **(extra_tags or {})}
+    tags = {**spec_tags(spec), T.RUN_NAME: spec.name(), **(extra_tags or {})}
     client.log_batch(
         run_id,
         params=[Param(k, v) for k, v in spec.params().items() if k not in logged],
@@ -177,15 +172,15 @@ class RunTracker:
             )
         if latest is not None and lease_is_live(latest):
             raise RunRefused(
-                f"spec {spec.key()} is being trained right now by {latest.data.tags.get('kd.owner')} "
+                f"spec {spec.key()} is being trained right now by {latest.data.tags.get(T.OWNER)} "
                 f"in run {latest.info.run_id}: wait for it, or stop that process"
             )
         resume = latest is not None and latest.info.status != "FINISHED" and not force
-        tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if force else {})}
+        tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if force else {})}
         if resume:
             run_id = latest.info.run_id
             if attach_run_id and attach_run_id != run_id:
-                client.set_tag(attach_run_id, "kd.resumed_in", run_id)
+                client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
         elif attach_run_id:
             run_id = attach_run_id
             write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
@@ -197,11 +192,11 @@ class RunTracker:
 
     def _claim(self) -> None:
         """Mark the run RUNNING under our lease; lose gracefully if another process won the race."""
-        tags = {"kd.owner": self.owner, "kd.heartbeat": f"{time.time():.0f}", "kd.host": socket.gethostname()}
+        tags = {T.OWNER: self.owner, T.HEARTBEAT: f"{time.time():.0f}", T.HOST: socket.gethostname()}
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.update_run(self.run_id, status="RUNNING")
         time.sleep(0.05)
-        holder = self.client.get_run(self.run_id).data.tags.get("kd.owner")
+        holder = self.client.get_run(self.run_id).data.tags.get(T.OWNER)
         if holder != self.owner:
             raise RunRefused(f"run {self.run_id} was claimed by {holder} at the same moment: not starting twice")
 
@@ -212,7 +207,7 @@ class RunTracker:
         def beat() -> None:
             while not stop.wait(HEARTBEAT_SECONDS):
                 try:
-                    self.client.set_tag(self.run_id, "kd.heartbeat", f"{time.time():.0f}")
+                    self.client.set_tag(self.run_id, T.HEARTBEAT, f"{time.time():.0f}")
                 except Exception:  # a flaky store must not kill training; the next beat retries
                     pass
 
@@ -225,7 +220,7 @@ class RunTracker:
         self.client.log_batch(
             self.run_id,
             metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()],
-            tags=[RunTag("kd.epoch", str(epoch)), RunTag("kd.heartbeat", f"{time.time():.0f}")],
+            tags=[RunTag(T.EPOCH, str(epoch)), RunTag(T.HEARTBEAT, f"{time.time():.0f}")],
         )
 
     def logged_steps(self, key: str) -> set[int]:
@@ -246,7 +241,7 @@ class RunTracker:
 
     def end(self, status: str, error: str | None = None) -> None:
         if error:
-            self.client.set_tag(self.run_id, "kd.error", error[:5000])
+            self.client.set_tag(self.run_id, T.ERROR, error[:5000])
         self.client.set_terminated(self.run_id, status=status)
 
 
