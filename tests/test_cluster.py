@@ -399,7 +399,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     assert final.data.tags["ops.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"
     assert "--device cpu --precision fp32 --collapse-after 10\n" in Path(final.data.tags["ops.job_log"]).with_suffix(".sh").read_text()
     assert f"resuming run {run_id}" in Path(final.data.tags["ops.job_log"]).read_text()
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "loss_total")]
     assert sorted(steps) == list(range(1, 13))
     assert len(client.search_runs([final.info.experiment_id])) == 1
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")

@@ -63,7 +63,7 @@ def submit_until_finished(args: list[str], experiment: str, n_runs: int, tmp_pat
         time.sleep(3)
 
 
-def steps(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[int]:
+def steps(client: MlflowClient, run_id: str, key: str = "loss_total") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 

@@ -122,7 +122,7 @@ class Tally:
     are added in the eager order: on the CPU the result is bit-identical to the eager step's.
     """
 
-    keys: list[str]  # train_loss, loss_ce, the method's terms
+    keys: list[str]  # loss_total, loss_ce, loss_distill, the method's terms
     sums: Tensor  # float64 (K,): sum over steps of value * batch size
     correct: Tensor  # float64 ()
     streak: Tensor  # int64 (): fp16 steps skipped in a row

@@ -20,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from kd.data import load_dataset
+from kd.data.inputs import dataset_inputs
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
 from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
@@ -39,6 +40,14 @@ from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking import tags as T
+from kd.tracking.logged_models import log_trained_model, model_shape
+from kd.tracking.presentation import (
+    describe_run,
+    log_dataset_inputs,
+    log_summary,
+    provenance_tags,
+    summary_values,
+)
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker, runs_by_key
 from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
@@ -181,6 +190,9 @@ def run_specs(
         if taught:
             teacher, source, teacher_run = load_teacher(client, taught[0], data, dev, tmp, experiment)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
+        inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
+        shape = model_shape(data.num_classes, data.in_channels, data.image_size)
+        provenance = provenance_tags(dev)
         trackers = open_runs(specs, experiment, force=force, attach_run_id=attach_run_id, extra_tags=extra_tags)
         students: list[Student] = []
         trainer: Trainer | None = None
@@ -196,7 +208,10 @@ def run_specs(
                     tracker.client.set_tag(tracker.run_id, T.INIT_SOURCE, init_source)
                 students.append(make_student(spec, tracker, model, method, amp, tmp, graphed=mode == fast.GRAPH))
                 students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if compile else compiled.OFF,
-                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(cudnn_deterministic).lower()})
+                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(cudnn_deterministic).lower(),
+                                  **provenance})
+                log_dataset_inputs(client, tracker.run_id, inputs)
+                describe_run(client, tracker.run_id, spec.to_dict(), teacher_run if spec in taught else None)
             with sigterm_flag() as should_stop, system_metrics(trackers):
                 stops = [t.heartbeat() for t in trackers]
                 try:
@@ -219,7 +234,7 @@ def run_specs(
                 else:
                     t.end("FAILED", f"{type(err).__name__}: {err}")
             raise
-        outcomes = [finish(s, tmp) for s in students if trainer.alive(s)]
+        outcomes = [finish(s, tmp, shape, inputs[-1]) for s in students if trainer.alive(s)]
     if trainer.failed:
         first = next(iter(trainer.failed.values()))
         others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
@@ -312,22 +327,24 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
         s.tracker.log_file(path)
 
 
-def finish(s: Student, tmp: Path) -> Outcome:
-    """best.pth and metrics.json, FINISHED, then (teachers) the registry alias."""
+def finish(s: Student, tmp: Path, shape: dict[str, int], test_input: dict[str, Any]) -> Outcome:
+    """best.pth, metrics.json, the summary metrics and the logged model, FINISHED, then (teachers)
+    the registry alias and the description that names it."""
     best = tmp / s.tracker.run_id / "best.pth"
     save_atomic({"weights": s.best_weights}, best)
     s.tracker.log_file(best)
     history = {k: list(v) for k, v in s.history.items()}
     s.tracker.log_json("metrics.json", {**history, "config": s.spec.to_dict()})
     final_acc = history["test_acc"][-1]
-    client = s.tracker.client
-    client.log_metric(s.tracker.run_id, "best_test_acc", s.best_acc, step=s.epoch)
-    client.log_metric(s.tracker.run_id, "final_test_acc", final_acc, step=s.epoch)
+    client, run_id = s.tracker.client, s.tracker.run_id
+    log_summary(client, run_id, summary_values(history), test_input)
+    model_id = log_trained_model(client, run_id, s.spec.to_dict(), str(best), shape)
     s.tracker.end("FINISHED")
     registered = None
     if s.spec.role == "teacher":
-        registered = register_teacher(client, s.tracker.run_id, s.spec, s.best_acc)
-    return Outcome(s.spec, s.tracker.run_id, s.best_acc, final_acc, registered)
+        registered = register_teacher(client, run_id, s.spec, s.best_acc, model_id)
+        describe_run(client, run_id, s.spec.to_dict())
+    return Outcome(s.spec, run_id, s.best_acc, final_acc, registered)
 
 
 def metrics_json(client: MlflowClient, run_id: str) -> dict[str, Any]:
