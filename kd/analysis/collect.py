@@ -8,6 +8,8 @@ newest FINISHED run, else its newest run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -35,8 +37,24 @@ TAG_COLUMNS = {
 }
 COLUMNS = [
     "run_id", "run_name", "status", "finished", "start_time", *TAG_COLUMNS.values(), "alpha", "seed",
-    "epoch", "epochs", "final_acc", "best_acc", "family", "num_classes", "chance",
+    "epoch", "epochs", "final_acc", "best_acc", "recipe", "train_time", "family", "num_classes", "chance",
+    *(tag.removeprefix("kd.") for tag in T.PROVENANCE),
 ]
+NOT_RECIPE = ("seed",)  # the params that may differ between runs averaged together
+
+
+def same_spelling(value: str) -> str:
+    """A param as one spelling (`mlflow run` keeps `.25` as typed, kd writes `0.25`)."""
+    try:
+        return repr(float(value))
+    except ValueError:
+        return value
+
+
+def recipe(params: dict[str, str]) -> str:
+    """Which runs may be averaged over seeds: a hash of every spec param but the seed."""
+    fields = {k: same_spelling(v) for k, v in sorted(params.items()) if k not in NOT_RECIPE}
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
 
 
 def family(model: str) -> str:
@@ -88,6 +106,9 @@ def run_row(run: Run) -> dict[str, object]:
         "epochs": int(params.get("epochs") or 0),
         "final_acc": metrics.get("final_test_acc", metrics.get("test_acc", math.nan)),
         "best_acc": metrics.get("best_test_acc", math.nan),
+        "recipe": recipe(params),
+        "train_time": metrics.get("train_time", math.nan),
+        **{tag.removeprefix("kd."): tags.get(tag, "") for tag in T.PROVENANCE},
         "family": family(tags.get(T.MODEL, "")),
         "num_classes": num_classes,
         "chance": 100.0 / num_classes,
@@ -154,9 +175,16 @@ def find_teacher_run(client: MlflowClient, run: Run) -> str | None:
     return teachers[0].info.run_id if teachers else None
 
 
-def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, tags: dict[str, str]) -> str:
-    """Log a directory of results as the artifacts of a new run named `analysis`."""
-    run_id = client.create_run(experiment_id(client, experiment), run_name=ANALYSIS,
+def analysis_experiment(experiment: str) -> str:
+    """Where the analyses of an experiment's runs go: beside it, not among its training runs."""
+    return f"{experiment}-{ANALYSIS}"
+
+
+def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, tags: dict[str, str]) -> tuple[str, str]:
+    """Log a directory of results as the artifacts of a new run named `analysis` in the
+    experiment's analysis experiment; returns (run id, that experiment)."""
+    target = analysis_experiment(experiment)
+    run_id = client.create_run(experiment_id(client, target), run_name=ANALYSIS,
                                tags={T.ROLE: ANALYSIS, T.ANALYSIS: kind, **tags}).info.run_id
     try:
         client.log_artifacts(run_id, str(out))
@@ -164,4 +192,4 @@ def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, ta
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return run_id
+    return run_id, target
