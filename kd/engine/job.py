@@ -234,7 +234,7 @@ def run_specs(
                 else:
                     t.end("FAILED", f"{type(err).__name__}: {err}")
             raise
-        outcomes = [finish(s, tmp, shape, inputs[-1]) for s in students if trainer.alive(s)]
+        outcomes = [finish(s, tmp, shape) for s in students if trainer.alive(s)]
     if trainer.failed:
         first = next(iter(trainer.failed.values()))
         others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
@@ -327,7 +327,7 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
         s.tracker.log_file(path)
 
 
-def finish(s: Student, tmp: Path, shape: dict[str, int], test_input: dict[str, Any]) -> Outcome:
+def finish(s: Student, tmp: Path, shape: dict[str, int]) -> Outcome:
     """best.pth, metrics.json, the summary metrics and the logged model, FINISHED, then (teachers)
     the registry alias and the description that names it."""
     best = tmp / s.tracker.run_id / "best.pth"
@@ -337,7 +337,7 @@ def finish(s: Student, tmp: Path, shape: dict[str, int], test_input: dict[str, A
     s.tracker.log_json("metrics.json", {**history, "config": s.spec.to_dict()})
     final_acc = history["test_acc"][-1]
     client, run_id = s.tracker.client, s.tracker.run_id
-    log_summary(client, run_id, summary_values(history), test_input)
+    log_summary(client, run_id, summary_values(history))
     model_id = log_trained_model(client, run_id, s.spec.to_dict(), str(best), shape)
     s.tracker.end("FINISHED")
     registered = None

@@ -42,12 +42,10 @@ def summary_values(history: dict[str, list[float]]) -> dict[str, float]:
             "train_time": sum(history.get("epoch_time", []))}
 
 
-def log_summary(client: MlflowClient, run_id: str, values: dict[str, float], test_input: dict[str, Any] | None) -> None:
-    """The run's summary metrics at SUMMARY_STEP, tied to the test split's dataset input if given."""
+def log_summary(client: MlflowClient, run_id: str, values: dict[str, float]) -> None:
+    """The run's summary metrics at SUMMARY_STEP (where `log_model` links them to the logged model)."""
     ts = int(time.time() * 1000)
-    name, digest = (test_input["name"], test_input["digest"]) if test_input else (None, None)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, SUMMARY_STEP, dataset_name=name, dataset_digest=digest)
-                                      for k, v in values.items()])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, SUMMARY_STEP) for k, v in values.items()])
 
 
 def log_dataset_inputs(client: MlflowClient, run_id: str, inputs: list[dict[str, Any]]) -> None:
