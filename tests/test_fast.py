@@ -88,7 +88,7 @@ def eager_pack(teacher_weights: str) -> list[dict[str, list[tuple[int, float]]]]
 
 def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     client = MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if k != "epoch_time" and not k.startswith("system/")]
+    keys = [k for k in client.get_run(run_id).data.metrics if k not in ("epoch_time", "train_time") and not k.startswith("system/")]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
