@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages CI needs: a single-node Slurm with the PBS/Torque wrappers
-# (qsub/qstat/qdel), munge, PostgreSQL 15 and the Fashion-MNIST idx files.
+# (qsub/qstat/qdel), munge, PostgreSQL 15, the Fashion-MNIST idx files and Chromium (the MLflow UI
+# browser test, tests/test_ui_browser.py, drives it through playwright; nothing is downloaded).
 # Idempotent: does nothing (no apt-get update either) when everything is already installed.
 #
 # dataset-fashion-mnist installs gzipped idx files (the original Zalando names) under
@@ -9,7 +10,7 @@
 #   t10k-images-idx3-ubyte.gz   t10k-labels-idx1-ubyte.gz
 set -euo pipefail
 
-PACKAGES=(slurm-wlm slurm-wlm-torque munge postgresql dataset-fashion-mnist)
+PACKAGES=(slurm-wlm slurm-wlm-torque munge postgresql dataset-fashion-mnist chromium)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install_system.sh: must run as root" >&2

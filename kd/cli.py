@@ -148,7 +148,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
     from kd.engine.job import run_specs
     from kd.tracking.registry import register_if_missing
     from kd.tracking.runs import AlreadyFinished
-    from kd.tracking.store import get_client, ui_command
+    from kd.tracking.store import experiment_id, get_client, ui_hint
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
@@ -171,7 +171,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
               + (f", registered {o.registered}" if o.registered else "")
               + (f", unsynced ({o.unsynced} records wait in its journal)" if o.unsynced else ""))
     if args.tracking == "direct":
-        print(f"open the MLflow UI: {ui_command()}")
+        print(ui_hint(experiment_id(get_client(), experiment)))
     return 0
 
 

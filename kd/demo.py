@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from kd.engine.job import run_specs
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 from kd.tracking.runs import runs_by_key
-from kd.tracking.store import get_client, tracking_uri, ui_command
+from kd.tracking.store import experiment_id, get_client, tracking_uri, ui_hint
 
 DEMO_EPOCHS = 15
 
@@ -39,7 +40,7 @@ def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None 
     """`parent_run_id`: the run `mlflow run -e demo` created; the three runs nest under it, and it
     keeps the table as `demo.md`."""
     print(f"kd demo: tracking store {tracking_uri()}, experiment '{experiment}'")
-    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    nested = {T.PARENT_RUN: parent_run_id} if parent_run_id else None
     rows = []
     for label, spec in demo_specs(epochs or DEMO_EPOCHS).items():
         done = best_acc(spec, experiment)
@@ -54,5 +55,5 @@ def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None 
     print("\n" + table)
     if parent_run_id:
         get_client().log_text(parent_run_id, table, "demo.md")
-    print(f"Open the MLflow UI: {ui_command()}  (then http://127.0.0.1:5000)")
+    print(ui_hint(experiment_id(get_client(), experiment)))
     return 0

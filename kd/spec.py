@@ -171,10 +171,18 @@ class RunSpec:
         return {k: "" if v is None else str(v) for k, v in d.items()}
 
     def name(self) -> str:
-        """Human-readable MLflow run name."""
-        if self.teacher:
-            return f"{self.dataset}-{self.teacher}-to-{self.model}-{self.method}-a{self.alpha:g}-s{self.seed}"
-        return f"{self.dataset}-{self.model}-{self.role}-s{self.seed}"
+        """The MLflow run name: what tells runs apart first (method, alpha, seed; `teacher` for a
+        teacher), then dataset and models. MLflow's runs table and chart legends cut names at
+        about 24 characters, and every run of a study shares its dataset and models."""
+        from kd.methods import METHODS
+
+        if self.role == "teacher":
+            return f"teacher-s{self.seed}-{self.dataset}-{self.model}"
+        label = METHODS[self.method].label or self.method
+        if self.method == "pure":
+            return f"{label}-s{self.seed}-{self.dataset}-{self.model}"
+        models = f"{self.teacher}-to-{self.model}" if self.teacher else self.model
+        return f"{label}-a{self.alpha:g}-s{self.seed}-{self.dataset}-{models}"
 
     def teacher_spec_hint(self) -> str:
         """The command that trains this student's teacher, for 'missing teacher' messages."""

@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from kd.tracking.store import ui_command
+    from kd.tracking.store import experiment_id, get_client, ui_hint
     from kd.tuning.storage import JOURNAL_PREFIX, absolute, default_storage, display
     from kd.tuning.study import Worker, open_study, run_study
 
@@ -91,7 +91,7 @@ def tune(args: argparse.Namespace) -> int:
         return 0
     summary = run_study(config, worker)
     print_summary(summary)
-    print(f"open the MLflow UI: {ui_command()}")
+    print(ui_hint(experiment_id(get_client(), args.experiment)))
     print(f"watch the study: optuna-dashboard '{display(storage).removeprefix(JOURNAL_PREFIX)}'")
     return 0
 

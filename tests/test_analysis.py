@@ -224,6 +224,25 @@ def test_report_writes_tables_plots_and_report_json(client: MlflowClient, tmp_pa
         assert_image(path)
 
 
+def test_two_recipes_of_one_method_and_alpha_are_two_flagged_rows(client: MlflowClient, tmp_path: Path) -> None:
+    """A 3-epoch and a 15-epoch teacher (and their students) are never averaged into one row."""
+    for epochs, accs in ((3, TEACHERS), (15, {0: 97.0, 1: 99.7})):
+        for seed, acc in accs.items():
+            add_run(client, curve(acc), model="ResNet20", role="teacher", seed=seed, epochs=epochs)
+            add_run(client, curve(acc - 5), method="logit", alpha=0.5, seed=seed, epochs=epochs, **STUDENT)
+    build_report(client, "kd", tmp_path / "r")
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv", keep_default_na=False)
+    teachers = summary[summary.role == "teacher"].sort_values("n", ascending=False)
+    assert list(teachers.n) == [3, 2] and list(teachers.recipe_differs) == ["epochs=3", "epochs=15"]
+    assert teachers.final_mean.tolist() == pytest.approx([statistics.mean(TEACHERS.values()), (97.0 + 99.7) / 2])
+    students = summary[summary.method == "logit"]
+    assert len(students) == 2 and set(students.recipe_differs) == {"epochs=3", "epochs=15"}
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert md.count("separate recipe: epochs=3") == 2 and md.count("separate recipe: epochs=15") == 2
+    methodology = (tmp_path / "r" / "methodology.md").read_text()
+    assert "| cifar10 |" in methodology and "Training hours" in methodology
+
+
 def test_latex_escapes_thesis_text() -> None:
     from kd.analysis.tables import latex_text
 
@@ -234,8 +253,8 @@ def test_cli_report_is_logged_as_one_analysis_run(client: MlflowClient, tmp_path
     add_run(client, curve(90.0), model="ResNet20", role="teacher")
     add_run(client, curve(85.0), method="logit", **STUDENT)
     assert kd("report", "--out", str(tmp_path / "r")) == 0
-    exp = experiment_id(client, "kd")
-    analysis = client.search_runs([exp], "tags.`kd.analysis` = 'report'")
+    assert client.search_runs([experiment_id(client, "kd")], "tags.`kd.analysis` = 'report'") == []
+    analysis = client.search_runs([experiment_id(client, "kd-analysis")], "tags.`kd.analysis` = 'report'")
     assert len(analysis) == 1 and analysis[0].info.run_name == "analysis"
     assert analysis[0].data.tags["kd.role"] == "analysis" and analysis[0].info.status == "FINISHED"
     logged = {f.path for f in client.list_artifacts(analysis[0].info.run_id)}
@@ -277,7 +296,7 @@ def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:
     assert kd("plot") == 0
     for run_id in (teacher, running):
         run = client.get_run(run_id)
-        assert run.data.tags["kd.plotted_epoch"] == run.data.tags["kd.epoch"]
+        assert run.data.tags["ops.plotted_epoch"] == run.data.tags["kd.epoch"]
         names = {f.path for f in client.list_artifacts(run_id)}
         assert {"Accuracy.png", "Loss.png"} <= names
         for name in ("Accuracy.png", "Loss.png"):
@@ -287,7 +306,7 @@ def test_plot_redraws_only_runs_that_moved(client: MlflowClient) -> None:
     assert plot_runs(client, "kd") == (0, 2)
     client.log_batch(running, metrics=[Metric("test_acc", 50.0, 0, 3)], tags=[RunTag("kd.epoch", "3")])
     assert plot_runs(client, "kd") == (1, 1)
-    assert client.get_run(running).data.tags["kd.plotted_epoch"] == "3"
+    assert client.get_run(running).data.tags["ops.plotted_epoch"] == "3"
     assert plot_runs(client, "kd", force=True) == (2, 0)
 
 

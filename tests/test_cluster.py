@@ -148,8 +148,8 @@ def test_plan_rules(store):
     gone_job = f"{os.getpid()}.0"  # a reused PID is not the job
     finished = create_spec_run(client, teacher, "smoke")
     client.set_terminated(finished, "FINISHED")
-    create_spec_run(client, pure, "smoke", {"kd.job_id": live_job, "kd.scheduler": "local"})
-    killed = create_spec_run(client, logit, "smoke", {"kd.job_id": gone_job, "kd.scheduler": "local"})
+    create_spec_run(client, pure, "smoke", {"ops.job_id": live_job, "ops.scheduler": "local"})
+    killed = create_spec_run(client, logit, "smoke", {"ops.job_id": gone_job, "ops.scheduler": "local"})
     client.set_terminated(killed, "KILLED")
     failed = create_spec_run(client, at, "smoke", {"kd.error": "TrainingDiverged: loss nan\nmore"})
     client.set_terminated(failed, "FAILED")
@@ -423,7 +423,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     assert code == 0 and "submit            digits-ResNet8-teacher-s0" in out
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("one").experiment_id])[0]
-    run_id, job_id = run.info.run_id, run.data.tags["kd.job_id"]
+    run_id, job_id = run.info.run_id, run.data.tags["ops.job_id"]
     wait_for(lambda: int(client.get_run(run_id).data.tags.get("kd.epoch", 0)) >= 2, 120, "epoch 2")
     Local().cancel(job_id)
     wait_for(lambda: client.get_run(run_id).info.status == "KILLED", 60, "the run to be KILLED")
@@ -432,17 +432,17 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     assert code == 0 and "resume            digits-ResNet8-teacher-s0  (killed, epoch " in out
     wait_for(lambda: client.get_run(run_id).info.status == "FINISHED", 180, "the resumed run to finish")
     final = client.get_run(run_id)
-    assert final.data.tags["kd.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"
-    assert "--device cpu --precision fp32 --collapse-after 10 --tracking direct --journal-dir " in Path(final.data.tags["kd.job_log"]).with_suffix(".sh").read_text()
-    assert f"resuming run {run_id}" in Path(final.data.tags["kd.job_log"]).read_text()
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert final.data.tags["ops.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"
+    assert "--device cpu --precision fp32 --collapse-after 10 --tracking direct --journal-dir " in Path(final.data.tags["ops.job_log"]).with_suffix(".sh").read_text()
+    assert f"resuming run {run_id}" in Path(final.data.tags["ops.job_log"]).read_text()
+    steps = [m.step for m in client.get_metric_history(run_id, "loss_total")]
     assert sorted(steps) == list(range(1, 13))
     assert len(client.search_runs([final.info.experiment_id])) == 1
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")
     assert "plan: submit 0, resume 0, skip-finished 1" in out
     for argv in (("--grid", grid), ("--experiment", "one")):  # kd status: from the grid, or every run
         code, out = kd("status", *argv)
-        assert code == 0 and final.data.tags["kd.job_id"] in out and "1 finished (1 specs)" in out
+        assert code == 0 and final.data.tags["ops.job_id"] in out and "1 finished (1 specs)" in out
 
 
 def test_failed_submission_leaves_no_run(store, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.postgres,
     pytest.mark.skipif(not POSTGRES, reason="needs the PostgreSQL started by .ci/run (KD_TEST_POSTGRES_URI)"),
 ]
-EPOCH_METRICS = {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce"}
+EPOCH_METRICS = {"loss_total", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce"}
 TRAININGS = 16
 
 

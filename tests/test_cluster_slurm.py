@@ -63,7 +63,7 @@ def submit_until_finished(args: list[str], experiment: str, n_runs: int, tmp_pat
         time.sleep(3)
 
 
-def steps(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[int]:
+def steps(client: MlflowClient, run_id: str, key: str = "loss_total") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -78,7 +78,7 @@ def test_smoke_grid_trains_every_run_after_its_teacher(store, tmp_path, schedule
     client = MlflowClient()
     runs = runs_of(client, "smoke")
     assert len({r.data.tags["kd.key"] for r in runs}) == 5
-    assert {r.data.tags["kd.scheduler"] for r in runs} == {scheduler}
+    assert {r.data.tags["ops.scheduler"] for r in runs} == {scheduler}
     teacher = client.get_model_version_by_alias("digits-ResNet8", "seed0")
     students = [r for r in runs if r.data.tags.get("kd.teacher")]
     assert len(students) == 3
@@ -86,12 +86,12 @@ def test_smoke_grid_trains_every_run_after_its_teacher(store, tmp_path, schedule
         assert run.info.start_time >= teacher.creation_timestamp, run.info.run_name
     for run in runs:
         assert steps(client, run.info.run_id, "test_acc") == [1, 2]
-        assert Path(run.data.tags["kd.job_log"]).is_file()
+        assert Path(run.data.tags["ops.job_log"]).is_file()
     if scheduler == "slurm":
-        assert len({r.data.tags["kd.job_id"] for r in students}) == 1
+        assert len({r.data.tags["ops.job_id"] for r in students}) == 1
     else:
         assert any("\n  wait-for-slot " in out for out in outputs)
-        assert len({r.data.tags["kd.job_id"] for r in runs}) == 5
+        assert len({r.data.tags["ops.job_id"] for r in runs}) == 5
 
 
 KILLS = """\
@@ -116,7 +116,7 @@ def test_qdel_scancel_and_walltime_kills_resume_the_same_runs(store, tmp_path):
     client = MlflowClient()
     first = {int(r.data.tags["kd.seed"]): r for r in runs_of(client, "kills")}
     ids = {seed: run.info.run_id for seed, run in first.items()}
-    jobs = {seed: run.data.tags["kd.job_id"] for seed, run in first.items()}
+    jobs = {seed: run.data.tags["ops.job_id"] for seed, run in first.items()}
 
     def epoch(seed: int) -> int:
         return int(client.get_run(ids[seed]).data.tags.get("kd.epoch", 0))
@@ -140,8 +140,8 @@ def test_qdel_scancel_and_walltime_kills_resume_the_same_runs(store, tmp_path):
     assert {r.info.run_id for r in runs} == set(ids.values())  # resumed, never recreated
     for run in runs:
         assert steps(client, run.info.run_id) == list(range(1, 161)), run.info.run_name
-        assert run.data.tags["kd.scheduler"] == "slurm" and run.data.tags["kd.job_id"] not in jobs.values()
-        assert f"resuming run {run.info.run_id}" in Path(run.data.tags["kd.job_log"]).read_text()
+        assert run.data.tags["ops.scheduler"] == "slurm" and run.data.tags["ops.job_id"] not in jobs.values()
+        assert f"resuming run {run.info.run_id}" in Path(run.data.tags["ops.job_log"]).read_text()
 
 
 RACE = """\
@@ -169,8 +169,8 @@ def test_two_submitters_at_once_never_give_a_spec_two_jobs(store, tmp_path):
         assert any("6 specs, 4 live job(s) of at most 4" in out for out in stdouts)
         runs = runs_of(client, "race")
         assert len(runs) == 4 and len({r.data.tags["kd.key"] for r in runs}) == 4
-        assert len({r.data.tags["kd.job_id"] for r in runs}) == 4
-        assert sorted(our_live_jobs(tmp_path)) == sorted(r.data.tags["kd.job_id"] for r in runs)
+        assert len({r.data.tags["ops.job_id"] for r in runs}) == 4
+        assert sorted(our_live_jobs(tmp_path)) == sorted(r.data.tags["ops.job_id"] for r in runs)
         code, out = kd("submit", "--grid", grid, "--scheduler", "slurm", "--max-queued", "4")
         assert "skip-running 4, skip-failed 0, wait-for-teacher 0, wait-for-slot 2; 0 job(s)" in out
         assert len(our_live_jobs(tmp_path)) == 4

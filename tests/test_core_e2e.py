@@ -12,7 +12,8 @@ from kd.models import create_model
 from kd.tracking.registry import teacher_uri
 from tests.conftest import DIGITS_FAST, mlflow_run, run_kd
 
-EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce", "loss_kd")
+EPOCH_METRICS = ("loss_total", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce", "loss_distill",
+                 "loss_kd")
 
 
 def train_digits_teacher(model: str = "ResNet8") -> None:

@@ -89,7 +89,7 @@ def eager_pack(teacher_weights: str) -> list[dict[str, list[tuple[int, float]]]]
 
 def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     client = MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if k != "epoch_time" and not k.startswith("system/")]
+    keys = [k for k in client.get_run(run_id).data.metrics if k not in ("epoch_time", "train_time") and not k.startswith("system/")]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
@@ -279,18 +279,18 @@ def test_the_graphed_guard_names_method_epoch_and_first_bad_step(teacher_weights
 
 
 def test_tally_reports_the_earliest_event_like_the_eager_guard():
-    tally = fast.Tally.create(["train_loss", "loss_ce"], torch.device("cpu"))
+    tally = fast.Tally.create(["loss_total", "loss_ce"], torch.device("cpu"))
     logits, y = torch.eye(4), torch.arange(4)
-    good = {"train_loss": torch.tensor(1.0), "loss_ce": torch.tensor(2.0)}
+    good = {"loss_total": torch.tensor(1.0), "loss_ce": torch.tensor(2.0)}
     for step in range(1, MAX_SKIPPED_STEPS + 1):
         tally.record(good, logits, y, torch.tensor(step), torch.tensor(True))
     tally.record({**good, "loss_ce": torch.tensor(float("inf"))}, logits, y, torch.tensor(101), torch.tensor(False))
     with pytest.raises(TrainingDiverged, match=rf"^{re.escape(SKIPPED)} in method 'm' at epoch 3, "
-                                               rf"step {MAX_SKIPPED_STEPS}: train_loss=1, loss_ce=2$"):
+                                               rf"step {MAX_SKIPPED_STEPS}: loss_total=1, loss_ce=2$"):
         tally.check("m", 3)
     tally.first.zero_()
-    tally.record({**good, "train_loss": torch.tensor(float("nan"))}, logits, y, torch.tensor(102), torch.tensor(False))
-    with pytest.raises(TrainingDiverged, match=rf"^{NON_FINITE} in method 'm' at epoch 3, step 102: train_loss=nan"):
+    tally.record({**good, "loss_total": torch.tensor(float("nan"))}, logits, y, torch.tensor(102), torch.tensor(False))
+    with pytest.raises(TrainingDiverged, match=rf"^{NON_FINITE} in method 'm' at epoch 3, step 102: loss_total=nan"):
         tally.check("m", 3)
     assert tally.correct.item() == 4 * (MAX_SKIPPED_STEPS + 2) and tally.streak.item() == 0
 
@@ -365,7 +365,7 @@ def test_cuda_graphed_pack_matches_eager(precision, compile):
         for epoch in (1, 2):
             trainer.train_epoch(epoch, students)
             for s in students:
-                losses.setdefault(graphed, []).append(s.sums["train_loss"] / s.sums["seen"])
+                losses.setdefault(graphed, []).append(s.sums["loss_total"] / s.sums["seen"])
                 s.scheduler.step()
                 s.sums.clear()
                 s.batch = 0

@@ -337,7 +337,7 @@ def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp
     scripts = list((tmp_path / "kd-jobs" / "journal").glob("*.sh"))
     assert scripts and all("export MLFLOW_TRACKING_URI=journal-only" in s.read_text() for s in scripts)
     for run in finished:
-        assert run.data.tags["kd.tracking"] == "journal"
+        assert run.data.tags["ops.tracking"] == "journal"
         for key, points in histories(run.info.run_id).items():
             if key not in ("best_test_acc", "final_test_acc") and not key.startswith("pretrain"):
                 assert [s for s, _ in points] == [1, 2], (run.info.run_name, key, points)
@@ -363,7 +363,7 @@ def test_a_teacher_trains_without_any_store_and_kd_sync_creates_its_run(tmp_path
     assert synced.returncode == 0, synced.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", here["MLFLOW_TRACKING_URI"])
     (run,) = runs("kd")
-    assert run.info.status == "FINISHED" and run.data.tags["kd.tracking"] == "journal"
+    assert run.info.status == "FINISHED" and run.data.tags["ops.tracking"] == "journal"
     assert [s for s, _ in histories(run.info.run_id)["test_acc"]] == [1, 2]
     assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id == run.info.run_id
     assert run_kd("sync", str(tmp_path / "j"), env=here).stdout == ""  # nothing twice

@@ -101,7 +101,7 @@ def test_preset_alpha_translates_the_plans_loss() -> None:
     student = Student(spec, None, None, model, method, torch.optim.SGD(model.parameters(), lr=0.0), None, None)
     Trainer([student], None, None, Precision.for_device(CPU)).step(student, student_logits, labels,
                                                                    [teacher_logits], 1, 0)
-    assert student.sums["train_loss"] / 8 == pytest.approx(plan.item(), rel=1e-5)
+    assert student.sums["loss_total"] / 8 == pytest.approx(plan.item(), rel=1e-5)
     # taking the plan's alpha as the suite's would weigh the terms the other way round
     unswapped = (1 - plan_alpha) * ce + plan_alpha * t**2 * kl
     assert not math.isclose(unswapped.item(), plan.item(), rel_tol=1e-3)

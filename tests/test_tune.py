@@ -193,7 +193,7 @@ def test_two_workers_share_one_study(store: Path, teacher_weights: list[str]) ->
     children = child_runs(study_name)
     assert sorted(int(r.data.tags["kd.trial"]) for r in children) == sorted(numbers)  # one run per trial
     assert all(r.info.status == "FINISHED" for r in children)
-    owners = {r.data.tags["kd.owner"].rsplit(":", 1)[0] for r in children}  # host:pid
+    owners = {r.data.tags["ops.owner"].rsplit(":", 1)[0] for r in children}  # host:pid
     assert len(owners) == 2  # both workers trained trials
     assert len(parent_runs(study_name)) == 1
 

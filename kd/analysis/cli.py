@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kd.analysis import LEGACY_EXPERIMENT
 from kd.spec import SpecError
+from kd.tracking import tags as T
 
 if TYPE_CHECKING:
     from kd.cluster.grids import Grid
@@ -81,12 +82,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     args.experiment = experiment_of(args)
     report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=expected_seeds(args),
                           metric=args.metric, dataset=args.dataset, collapse_factor=factor)
-    tags = {"kd.analysis_grid": args.grid} if args.grid else {}  # not kd.grid: it is no grid run
-    run_id = log_analysis(client, args.experiment, "report", args.out, tags)
+    tags = {T.ANALYSIS_GRID: args.grid} if args.grid else {}  # not kd.grid: it is no grid run
+    run_id, target = log_analysis(client, args.experiment, "report", args.out, tags)
     for name, entry in report.items():
         values = ", ".join(f"{k}={'n/a' if entry[k] is None else format(entry[k], '.4f')}" for k in REPORT_KEYS)
         print(f"{name}: {values} ({entry.get('dataset', 'no runs')})")
-    print(f"report written to {args.out} and logged as run {run_id} ('analysis')")
+    print(f"report written to {args.out} and logged as run {run_id} ('analysis') in experiment '{target}'")
     return 0
 
 
@@ -112,9 +113,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     per_run, grid = measure(client, args.runs, args.probe_size, str(device))
     write_features(per_run, grid, args.out)
     experiment = args.experiment or client.get_experiment(client.get_run(args.runs[0]).info.experiment_id).name
-    run_id = log_analysis(client, experiment, "features", args.out, {"kd.probe_size": str(args.probe_size)})
+    run_id, target = log_analysis(client, experiment, "features", args.out, {T.PROBE_SIZE: str(args.probe_size)})
     print(f"feature metrics of {per_run.run_id.nunique()} runs written to {args.out} "
-          f"and logged as run {run_id} ('analysis') in experiment '{experiment}'")
+          f"and logged as run {run_id} ('analysis') in experiment '{target}'")
     return 0
 
 

@@ -8,6 +8,8 @@ newest FINISHED run, else its newest run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -17,25 +19,42 @@ from mlflow.entities import Run
 
 from kd.data import DATASETS
 from kd.spec import SpecError
+from kd.tracking import tags as T
 from kd.tracking.registry import teacher_run_id
 from kd.tracking.store import experiment_id, tracking_uri
 
 ANALYSIS = "analysis"
 # tag -> column; every row has these, "" where the run has no such tag
 TAG_COLUMNS = {
-    "kd.key": "key",
-    "kd.role": "role",
-    "kd.dataset": "dataset",
-    "kd.model": "model",
-    "kd.teacher": "teacher",
-    "kd.method": "method",
-    "kd.source": "source",
-    "kd.grid": "grid",
+    T.KEY: "key",
+    T.ROLE: "role",
+    T.DATASET: "dataset",
+    T.MODEL: "model",
+    T.TEACHER: "teacher",
+    T.METHOD: "method",
+    T.SOURCE: "source",
+    T.GRID: "grid",
 }
 COLUMNS = [
     "run_id", "run_name", "status", "finished", "start_time", *TAG_COLUMNS.values(), "alpha", "seed",
-    "epoch", "epochs", "final_acc", "best_acc", "family", "num_classes", "chance",
+    "epoch", "epochs", "final_acc", "best_acc", "recipe", "train_time", "family", "num_classes", "chance",
+    *(tag.removeprefix("kd.") for tag in T.PROVENANCE),
 ]
+NOT_RECIPE = ("seed",)  # the params that may differ between runs averaged together
+
+
+def same_spelling(value: str) -> str:
+    """A param as one spelling (`mlflow run` keeps `.25` as typed, kd writes `0.25`)."""
+    try:
+        return repr(float(value))
+    except ValueError:
+        return value
+
+
+def recipe(params: dict[str, str]) -> str:
+    """Which runs may be averaged over seeds: a hash of every spec param but the seed."""
+    fields = {k: same_spelling(v) for k, v in sorted(params.items()) if k not in NOT_RECIPE}
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
 
 
 def family(model: str) -> str:
@@ -67,12 +86,12 @@ def search_all(client: MlflowClient, experiment: str, filter_string: str = "") -
 def training_runs(client: MlflowClient, experiment: str) -> list[Run]:
     """Runs that trained (or are training) a spec: a `kd.key` and not an analysis run."""
     return [r for r in search_all(client, experiment)
-            if r.data.tags.get("kd.key") and r.data.tags.get("kd.role") != ANALYSIS]
+            if r.data.tags.get(T.KEY) and r.data.tags.get(T.ROLE) != ANALYSIS]
 
 
 def run_row(run: Run) -> dict[str, object]:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-    dataset = tags.get("kd.dataset", "")
+    dataset = tags.get(T.DATASET, "")
     num_classes = DATASETS[dataset].num_classes if dataset in DATASETS else math.nan
     return {
         "run_id": run.info.run_id,
@@ -81,13 +100,16 @@ def run_row(run: Run) -> dict[str, object]:
         "finished": run.info.status == "FINISHED",
         "start_time": run.info.start_time,
         **{column: tags.get(tag, "") for tag, column in TAG_COLUMNS.items()},
-        "alpha": float(tags.get("kd.alpha", 0)),
-        "seed": int(tags.get("kd.seed", 0)),
-        "epoch": int(tags.get("kd.epoch", 0)),
+        "alpha": float(tags.get(T.ALPHA, 0)),
+        "seed": int(tags.get(T.SEED, 0)),
+        "epoch": int(tags.get(T.EPOCH, 0)),
         "epochs": int(params.get("epochs") or 0),
         "final_acc": metrics.get("final_test_acc", metrics.get("test_acc", math.nan)),
         "best_acc": metrics.get("best_test_acc", math.nan),
-        "family": family(tags.get("kd.model", "")),
+        "recipe": recipe(params),
+        "train_time": metrics.get("train_time", math.nan),
+        **{tag.removeprefix("kd."): tags.get(tag, "") for tag in T.PROVENANCE},
+        "family": family(tags.get(T.MODEL, "")),
         "num_classes": num_classes,
         "chance": 100.0 / num_classes,
         **{f"params.{k}": v for k, v in params.items()},
@@ -100,7 +122,7 @@ def collect_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     `final_acc` is `final_test_acc`, or the last `test_acc` of a run still going; `best_acc` is
     `best_test_acc`, or the best `test_acc` so far.
     """
-    runs = [r for r in training_runs(client, experiment) if "mlflow.parentRunId" not in r.data.tags]
+    runs = [r for r in training_runs(client, experiment) if T.PARENT_RUN not in r.data.tags]
     rows = pd.DataFrame([run_row(r) for r in runs])
     rows = rows.reindex(columns=[*COLUMNS, *sorted(c for c in rows.columns if c not in COLUMNS)])
     rows = rows.sort_values(["finished", "start_time"]).drop_duplicates("key", keep="last")
@@ -140,27 +162,34 @@ def find_teacher_run(client: MlflowClient, run: Run) -> str | None:
     """The teacher of a student run: the registry alias, else (legacy imports, which are not
     registered) the newest FINISHED teacher run with the same dataset, model and seed."""
     tags = run.data.tags
-    if not tags.get("kd.teacher"):
+    if not tags.get(T.TEACHER):
         return None
-    found = teacher_run_id(client, tags["kd.dataset"], tags["kd.teacher"], int(tags["kd.seed"]))
+    found = teacher_run_id(client, tags[T.DATASET], tags[T.TEACHER], int(tags[T.SEED]))
     if found is not None:
         return found
     query = " and ".join(f"tags.`{tag}` = '{value}'" for tag, value in (
-        ("kd.role", "teacher"), ("kd.dataset", tags["kd.dataset"]), ("kd.model", tags["kd.teacher"]),
-        ("kd.seed", tags["kd.seed"])))
+        (T.ROLE, "teacher"), (T.DATASET, tags[T.DATASET]), (T.MODEL, tags[T.TEACHER]),
+        (T.SEED, tags[T.SEED])))
     teachers = client.search_runs([run.info.experiment_id], f"{query} and attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
     return teachers[0].info.run_id if teachers else None
 
 
-def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, tags: dict[str, str]) -> str:
-    """Log a directory of results as the artifacts of a new run named `analysis`."""
-    run_id = client.create_run(experiment_id(client, experiment), run_name=ANALYSIS,
-                               tags={"kd.role": ANALYSIS, "kd.analysis": kind, **tags}).info.run_id
+def analysis_experiment(experiment: str) -> str:
+    """Where the analyses of an experiment's runs go: beside it, not among its training runs."""
+    return f"{experiment}-{ANALYSIS}"
+
+
+def log_analysis(client: MlflowClient, experiment: str, kind: str, out: Path, tags: dict[str, str]) -> tuple[str, str]:
+    """Log a directory of results as the artifacts of a new run named `analysis` in the
+    experiment's analysis experiment; returns (run id, that experiment)."""
+    target = analysis_experiment(experiment)
+    run_id = client.create_run(experiment_id(client, target), run_name=ANALYSIS,
+                               tags={T.ROLE: ANALYSIS, T.ANALYSIS: kind, **tags}).info.run_id
     try:
         client.log_artifacts(run_id, str(out))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return run_id
+    return run_id, target

@@ -37,6 +37,7 @@ from kd.data.augment import normalize
 from kd.engine.checkpoint import load_weights_only
 from kd.models import create_model
 from kd.spec import SpecError
+from kd.tracking import tags as T
 
 METRICS = ("wavelet_hf_energy", "spectral_entropy", "lowpass_residual_energy", "skewness", "kurtosis", "iqr",
            "cv", "std")
@@ -121,7 +122,7 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
         run = client.get_run(run_id)
     except MlflowException:
         raise SpecError(f"no run {run_id} in the tracking store: pass run ids from the MLflow UI or runs.csv") from None
-    if not run.data.tags.get("kd.key"):
+    if not run.data.tags.get(T.KEY):
         raise SpecError(f"run {run_id} is not a kd training run (no kd.key tag): pass training runs")
     return run
 
@@ -129,8 +130,8 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
 def load_model(client: MlflowClient, run: Run, tmp: Path) -> nn.Module:
     """The run's best.pth in its model, in eval mode on the CPU."""
     tags = run.data.tags
-    info = DATASETS[tags["kd.dataset"]]
-    model = create_model(tags["kd.model"], info.num_classes, info.channels, info.image_size)
+    info = DATASETS[tags[T.DATASET]]
+    model = create_model(tags[T.MODEL], info.num_classes, info.channels, info.image_size)
     try:
         path = client.download_artifacts(run.info.run_id, "best.pth", str(tmp))
     except (MlflowException, OSError):
@@ -147,9 +148,9 @@ def stage_features(model: nn.Module, images: torch.Tensor, device: torch.device)
 
 def identity(run: Run) -> dict[str, object]:
     tags = run.data.tags
-    return {"run_id": run.info.run_id, "dataset": tags["kd.dataset"], "role": tags["kd.role"],
-            "model": tags["kd.model"], "teacher": tags.get("kd.teacher", ""), "method": tags["kd.method"],
-            "alpha": float(tags.get("kd.alpha", 0)), "seed": int(tags.get("kd.seed", 0))}
+    return {"run_id": run.info.run_id, "dataset": tags[T.DATASET], "role": tags[T.ROLE],
+            "model": tags[T.MODEL], "teacher": tags.get(T.TEACHER, ""), "method": tags[T.METHOD],
+            "alpha": float(tags.get(T.ALPHA, 0)), "seed": int(tags.get(T.SEED, 0))}
 
 
 def measure(
@@ -163,7 +164,7 @@ def measure(
     runs = {run_id: get_run(client, run_id) for run_id in run_ids}
     teacher_of = {run_id: find_teacher_run(client, run) for run_id, run in runs.items()}
     for run_id, teacher_id in teacher_of.items():
-        if runs[run_id].data.tags.get("kd.teacher") and teacher_id is None:
+        if runs[run_id].data.tags.get(T.TEACHER) and teacher_id is None:
             raise SpecError(f"run {run_id} has no registered or finished teacher run: train its teacher first")
         if teacher_id and teacher_id not in runs:
             runs[teacher_id] = get_run(client, teacher_id)
@@ -171,7 +172,7 @@ def measure(
     feats: dict[str, list[np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="kd-features-") as tmp:
         for run_id, run in runs.items():
-            dataset = run.data.tags["kd.dataset"]
+            dataset = run.data.tags[T.DATASET]
             if dataset not in probes:
                 probes[dataset] = probe_batch(dataset, probe_size)
             model = load_model(client, run, Path(tmp) / run_id)

@@ -28,8 +28,11 @@ from kd.analysis import LEGACY_EXPERIMENT
 from kd.analysis.collect import search_all
 from kd.data import DATASETS
 from kd.engine.checkpoint import load_weights_only
+from kd.engine.trainer import LOSS_TOTAL
 from kd.models import MODELS, create_model
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
+from kd.tracking.presentation import SUMMARY_STEP, summary_values
 from kd.tracking.runs import spec_tags
 from kd.tracking.store import experiment_id
 
@@ -38,6 +41,7 @@ LAYOUT = "{Dataset}/{method}[/alpha_{a}]/{model or Teacher_to_Student}/{seed}"
 DATASET_NAMES = {"Cifar10": "cifar10", "Cifar100": "cifar100", "SVHN": "svhn", "TinyImageNet": "tinyimagenet"}
 STATUSES = {"completed": "FINISHED", "in_progress": "KILLED"}  # an unfinished legacy run never resumes
 CURVES = ("train_loss", "train_acc", "test_loss", "test_acc")
+METRIC_NAMES = {"train_loss": LOSS_TOTAL}  # the thesis's train_loss was the loss it optimised
 FILES = ("metrics.json", "status.json", "best.pth")
 # config keys that are RunSpec fields, read with the field's type; the rest are RunSpec defaults
 CONFIG_FIELDS = {"epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
@@ -207,14 +211,15 @@ def write_run(client: MlflowClient, exp_id: str, item: LegacyRun) -> str:
     try:
         ts = int(time.time() * 1000)
         epochs = len(item.curves["test_acc"])
-        points = [Metric(k, v, ts, i + 1) for k, values in item.curves.items() for i, v in enumerate(values)]
+        points = [Metric(METRIC_NAMES.get(k, k), v, ts, i + 1) for k, values in item.curves.items()
+                  for i, v in enumerate(values)]
         if item.status == "completed":
-            acc = item.curves["test_acc"]
-            points += [Metric("best_test_acc", max(acc), ts, epochs), Metric("final_test_acc", acc[-1], ts, epochs)]
+            points += [Metric(k, v, ts, SUMMARY_STEP) for k, v in summary_values(item.curves).items()
+                       if k != "train_time"]  # the thesis code kept no epoch times
         for start in range(0, len(points), BATCH):
             client.log_batch(run_id, metrics=points[start : start + BATCH])
-        identity = {"kd.key", "kd.source"}
-        tags = {**{k: v for k, v in spec_tags(spec).items() if k not in identity}, "kd.epoch": str(epochs),
+        identity = {T.KEY, T.SOURCE}
+        tags = {**{k: v for k, v in spec_tags(spec).items() if k not in identity}, T.EPOCH: str(epochs),
                 "kd.legacy_path": str(item.path), "kd.legacy_status": item.status}
         client.log_batch(run_id, params=[Param(k, v) for k, v in spec.params().items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
@@ -224,7 +229,7 @@ def write_run(client: MlflowClient, exp_id: str, item: LegacyRun) -> str:
         if item.has_best:
             client.log_artifact(run_id, str(item.directory / "best.pth"))
         client.set_terminated(run_id, STATUSES[item.status])
-        client.log_batch(run_id, tags=[RunTag("kd.key", spec.key()), RunTag("kd.source", SOURCE)])
+        client.log_batch(run_id, tags=[RunTag(T.KEY, spec.key()), RunTag(T.SOURCE, SOURCE)])
     except BaseException:
         client.delete_run(run_id)
         raise
@@ -239,7 +244,7 @@ def import_legacy(
     items, skipped = scan(root, teachers)
     result = ImportResult(skipped=skipped)
     exp_id = experiment_id(client, experiment)
-    present = {r.data.tags["kd.key"] for r in search_all(client, experiment, f"tags.`kd.source` = '{SOURCE}'")}
+    present = {r.data.tags[T.KEY] for r in search_all(client, experiment, f"tags.`{T.SOURCE}` = '{SOURCE}'")}
     for item in items:
         if item.spec.key() in present:
             result.present.append(item.path)

@@ -4,9 +4,14 @@ global backend state, so they work the same from cron, a notebook or a test.
 
 from __future__ import annotations
 
+import functools
+import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -16,8 +21,25 @@ from mlflow import MlflowClient
 
 from kd.analysis.collect import histories, training_runs
 from kd.analysis.tables import Panel, best_kd, panel, panels
+from kd.engine.trainer import LOSS_CE
+from kd.tracking import tags as T
+
+P, R = ParamSpec("P"), TypeVar("R")
 
 FORMATS = ("png", "pdf")
+# Sizes readable in a thesis page and on a screen: set when the figure is drawn into.
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+         "ytick.labelsize": 10, "legend.fontsize": 9, "figure.titlesize": 13, "axes.grid": True, "grid.alpha": 0.3}
+PANEL_COLUMNS = 2  # curves: methods in a grid of this many columns
+
+
+def styled(draw: Callable[P, R]) -> Callable[P, R]:
+    """Draw under STYLE (matplotlib reads font sizes when a text is made, so around the drawing)."""
+    @functools.wraps(draw)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+    return wrapper
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
@@ -46,10 +68,19 @@ def band(ax: Axes, curves: pd.DataFrame, run_ids: pd.Series, label: str, **style
 
 
 def legend(ax: Axes) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    """The legend below the axes, where it covers no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
 
 
+def recipe_label(part: pd.DataFrame, differs: pd.Series) -> str:
+    """` (epochs=3)` for a group whose recipe differs from a same-named group's, else nothing."""
+    note = differs.get(part.recipe.iloc[0], "")
+    return f" ({note})" if note else ""
+
+
+@styled
 def accuracy_curves(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[Path]:
     """Per dataset and student model: a panel per KD method with a curve per alpha, the pure
     student and the teacher as references (finished runs; band = ± std over seeds)."""
@@ -60,15 +91,19 @@ def accuracy_curves(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFr
         students = here[(here.role == "student") & (here.model == model)]
         methods = sorted(set(students.method[students.teacher != ""])) or ["pure"]
         teacher = panel(summary, dataset, model).teacher
-        fig, axes = grid_figure(1, len(methods))
-        for ax, method in zip(axes[0], methods, strict=True):
+        differs = summary.set_index("recipe").recipe_differs
+        cols = min(PANEL_COLUMNS, len(methods))
+        fig, axes = grid_figure(math.ceil(len(methods) / cols), cols, 5.0, 4.2)
+        for ax in axes.flat[len(methods):]:
+            ax.set_visible(False)
+        for ax, method in zip(axes.flat, methods, strict=False):
             if teacher is not None:
                 band(ax, curves, here.run_id[(here.role == "teacher") & (here.model == teacher.model)],
                      f"teacher {teacher.model}", color="0.4", linestyle=":")
             band(ax, curves, students.run_id[students.method == "pure"], "pure", color="black", linestyle="--")
             kd = students[(students.method == method) & (students.teacher != "")]
-            for alpha, part in kd.groupby("alpha"):
-                band(ax, curves, part.run_id, f"α={alpha:g}")
+            for (alpha, _), part in kd.groupby(["alpha", "recipe"]):
+                band(ax, curves, part.run_id, f"α={alpha:g}{recipe_label(part, differs)}")
             ax.set(title=f"{method}", xlabel="epoch", ylabel="test accuracy (%)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             legend(ax)
@@ -82,17 +117,19 @@ def reference_line(ax: Axes, row: pd.Series | None, metric: str, label: str, sty
         ax.axhline(row[f"{metric}_mean"], color="0.3", linestyle=style, label=f"{label} {row[f'{metric}_mean']:.2f}")
 
 
+@styled
 def alpha_curves(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
     """Per dataset and student model: accuracy vs alpha, a line per KD method (± std over seeds)."""
     written = []
     for dataset, model in panels(summary):
         p: Panel = panel(summary, dataset, model)
-        fig, axes = grid_figure(1, 1, 6.0, 4.0)
+        fig, axes = grid_figure(1, 1, 6.0, 4.5)
         ax = axes[0, 0]
-        for method, part in p.kd[p.kd.n > 0].groupby("method"):
+        for (method, _), part in p.kd[p.kd.n > 0].groupby(["method", "recipe"]):
             part = part.sort_values("alpha")
+            note = part.recipe_differs.iloc[0]
             ax.errorbar(part.alpha, part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0), marker="o",
-                        capsize=3, label=method)
+                        capsize=3, label=method + (f" ({note})" if note else ""))
         reference_line(ax, p.pure, metric, "pure", "--")
         reference_line(ax, p.teacher, metric, "teacher", ":")
         ax.set(title=f"{dataset}: {model}", xlabel="alpha", ylabel=f"{metric} test accuracy (%)")
@@ -101,6 +138,7 @@ def alpha_curves(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
     return written
 
 
+@styled
 def baseline_bars(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
     """Per dataset and student model: teacher, pure student and best KD group, ± std."""
     written = []
@@ -112,7 +150,7 @@ def baseline_bars(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
                 (f"best KD\n{best.method} α={best.alpha:g}" if best is not None else "best KD", best)]
         means = [row[f"{metric}_mean"] if row is not None else np.nan for _, row in bars]
         stds = [row[f"{metric}_std"] if row is not None else np.nan for _, row in bars]
-        fig, axes = grid_figure(1, 1, 5.0, 4.0)
+        fig, axes = grid_figure(1, 1, 5.5, 4.5)
         ax = axes[0, 0]
         ax.bar([label for label, _ in bars], np.nan_to_num(means), yerr=np.nan_to_num(stds), capsize=4,
                color=["0.5", "0.75", "tab:blue"])
@@ -120,46 +158,66 @@ def baseline_bars(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
             if not np.isnan(mean):
                 ax.annotate(f"{mean:.2f}", (x, mean + std), xytext=(0, 3), textcoords="offset points",
                             ha="center", va="bottom", fontsize="small")
-        ax.set(title=f"{dataset}: {model}", ylabel=f"{metric} test accuracy (%)")
+        ax.set(title=f"{dataset}: {model}", ylabel=f"{metric} test accuracy (%)", ylim=fitted(means, stds))
         written += save(fig, out / f"bars_{dataset}_{model}")
     return written
 
 
+def fitted(means: list[float], stds: list[float]) -> tuple[float, float] | None:
+    """Bar limits around the bars' spread (not from 0, which hides 97 % vs 99.7 %), room for labels."""
+    values = [(m, s if not np.isnan(s) else 0.0) for m, s in zip(means, stds, strict=True) if not np.isnan(m)]
+    if not values:
+        return None
+    low, high = min(m - s for m, s in values), max(m + s for m, s in values)
+    pad = max(0.25 * (high - low), 0.5)
+    return max(low - pad, 0.0), min(high + pad, 100.0 + pad)
+
+
+# A run's plots: (file, y label, (metric, legend label) per curve). Loss.png compares like with like:
+# the training cross-entropy (loss_ce; label-smoothed for pure runs) with the test cross-entropy,
+# not the alpha-weighted loss_total, whose scale depends on the method.
+RUN_PLOTS = (
+    ("Accuracy.png", "accuracy (%)", (("train_acc", "train"), ("test_acc", "test"))),
+    ("Loss.png", "cross-entropy", ((LOSS_CE, "train (loss_ce)"), ("test_loss", "test"))),
+)
+RUN_METRICS = tuple(key for _, _, curves in RUN_PLOTS for key, _ in curves)
+
+
+@styled
 def run_figures(history: dict[str, pd.DataFrame], title: str) -> dict[str, Figure]:
     """A run's `Accuracy.png` and `Loss.png`: train and test curves per epoch (the thesis plots)."""
     figures = {}
-    for name, quantity, unit in (("Accuracy.png", "acc", " (%)"), ("Loss.png", "loss", "")):
-        fig, axes = grid_figure(1, 1, 6.0, 4.0)
+    for name, ylabel, lines in RUN_PLOTS:
+        fig, axes = grid_figure(1, 1, 6.0, 4.5)
         ax = axes[0, 0]
-        for split in ("train", "test"):
-            points = history[f"{split}_{quantity}"]
-            ax.plot(points.step, points.value, label=split)
-        ax.set(title=title, xlabel="epoch", ylabel=f"{quantity}{unit}")
+        for key, label in lines:
+            points = history[key]
+            ax.plot(points.step, points.value, marker="." if len(points) < 30 else None, label=label)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        legend(ax)
         figures[name] = fig
     return figures
 
 
 def plot_runs(client: MlflowClient, experiment: str, grid: str | None = None, force: bool = False) -> tuple[int, int]:
     """Log `Accuracy.png` and `Loss.png` into every run whose `kd.epoch` moved since its last plot
-    (tag `kd.plotted_epoch`), so a cron job redraws only what changed. Returns (plotted, up to date)."""
+    (tag `ops.plotted_epoch`), so a cron job redraws only what changed. Returns (plotted, up to date)."""
     plotted = current = 0
     for run in training_runs(client, experiment):
         tags = run.data.tags
-        epoch = tags.get("kd.epoch")
-        if not epoch or (grid and tags.get("kd.grid") != grid):
+        epoch = tags.get(T.EPOCH)
+        if not epoch or (grid and tags.get(T.GRID) != grid):
             continue
-        if epoch == tags.get("kd.plotted_epoch") and not force:
+        if epoch == tags.get(T.PLOTTED_EPOCH) and not force:
             current += 1
             continue
         run_id = run.info.run_id
-        history = {key: histories(client, [run_id], key)
-                   for key in ("train_acc", "test_acc", "train_loss", "test_loss")}
+        history = {key: histories(client, [run_id], key) for key in RUN_METRICS}
         with tempfile.TemporaryDirectory(prefix="kd-plot-") as tmp:
             for name, fig in run_figures(history, run.info.run_name).items():
                 fig.savefig(Path(tmp) / name, dpi=120, bbox_inches="tight")
                 client.log_artifact(run_id, str(Path(tmp) / name))
-        client.set_tag(run_id, "kd.plotted_epoch", epoch)
+        client.set_tag(run_id, T.PLOTTED_EPOCH, epoch)
         plotted += 1
     return plotted, current

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from kd.analysis import plots
 from kd.analysis.collect import collect_runs, family, histories, select_grid
-from kd.analysis.tables import COLLAPSE_FACTOR, best_kd, panel, summarize, write_tables
+from kd.analysis.tables import COLLAPSE_FACTOR, best_kd, panel, summarize, write_methodology, write_tables
 from kd.spec import SpecError
 
 FAMILIES = ("cnn", "vit")
@@ -90,6 +90,7 @@ def build_report(
     summary = summarize(runs, seeds, collapse_factor)
     report = report_json(summary, metric, dataset)
     write_tables(runs, summary, out, metric)
+    write_methodology(runs, out)
     curves = histories(client, list(runs.run_id[runs.finished]), "test_acc")
     plots.accuracy_curves(runs, curves, summary, out / "plots")
     plots.alpha_curves(summary, out / "plots", metric)

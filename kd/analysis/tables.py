@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from kd.analysis.collect import NOT_RECIPE, same_spelling
 from kd.spec import COLLAPSE_FACTOR
 
-GROUP = ["dataset", "role", "model", "teacher", "method", "alpha"]
+SCIENCE = ["dataset", "role", "model", "teacher", "method", "alpha"]
+GROUP = [*SCIENCE, "recipe"]  # runs are averaged only with runs of the same recipe (all but the seed)
 BASELINE_INDEX = ["dataset", "model", "seed"]
 METRICS = ("final", "best")
 
@@ -50,10 +52,27 @@ def seed_list(seeds: Sequence[int]) -> str:
     return ",".join(str(s) for s in sorted(seeds))
 
 
+def recipe_differences(runs: pd.DataFrame) -> dict[tuple, str]:
+    """For a (dataset, role, model, teacher, method, alpha) trained with several recipes: per
+    recipe, the params that set it apart (`epochs=3`), so its row says why it stands alone."""
+    columns = [c for c in runs.columns if c.startswith("params.") and c.removeprefix("params.") not in NOT_RECIPE]
+    notes = {}
+    for key, part in runs.groupby(SCIENCE, sort=False):
+        recipes = part.drop_duplicates("recipe").set_index("recipe")[columns].fillna("")
+        if len(recipes) < 2:
+            continue
+        differing = [c for c in columns if recipes[c].map(same_spelling).nunique() > 1]
+        for name, values in recipes.iterrows():
+            notes[(*key, name)] = ", ".join(f"{c.removeprefix('params.')}={values[c]}" for c in differing)
+    return notes
+
+
 def summarize(
     runs: pd.DataFrame, seeds: Sequence[int] | None = None, collapse_factor: float = COLLAPSE_FACTOR
 ) -> pd.DataFrame:
-    """One row per group (dataset, role, model, teacher, method, alpha) of the runs."""
+    """One row per group (dataset, role, model, teacher, method, alpha, recipe) of the runs; a
+    group that shares all but its recipe with another is flagged with what differs."""
+    differences = recipe_differences(runs)
     teachers = baseline(runs, runs.role == "teacher")
     pures = baseline(runs, (runs.role == "student") & (runs.method == "pure"))
     named = runs[runs.teacher != ""].groupby(["dataset", "model"]).teacher.unique()
@@ -82,6 +101,7 @@ def summarize(
             **{f"d_teacher_{m}": math.nan if d_teacher is None else d_teacher[m] for m in METRICS},
             reference_teacher=teacher,
             collapsed=seed_list(collapsed.seed),
+            recipe_differs=differences.get(values, ""),
             unfinished=", ".join(f"{r.seed} ({r.status} {r.epoch}/{r.epochs})" for r in stuck.itertuples()),
             missing=seed_list(expected.get(dataset, set()) - set(group.seed)),
         )
@@ -103,6 +123,8 @@ def ordered(summary: pd.DataFrame) -> pd.DataFrame:
 
 def flags(row: pd.Series) -> str:
     parts = [f"{name} seeds {row[name]}" for name in ("collapsed", "unfinished", "missing") if row[name]]
+    if row.recipe_differs:
+        parts.insert(0, f"separate recipe: {row.recipe_differs}")
     return "; ".join(parts)
 
 
@@ -219,3 +241,33 @@ def best_kd(kd: pd.DataFrame, metric: str) -> pd.Series | None:
     """The KD group (method, alpha) with the highest mean accuracy."""
     scored = kd[kd.n > 0]
     return scored.loc[scored[f"{metric}_mean"].idxmax()] if len(scored) else None
+
+
+ENVIRONMENT = ["gpu", "gpu_driver", "torch", "cuda", "cudnn", "precision", "cudnn_deterministic", "version"]
+
+
+def methodology(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and computing environment (GPU, driver, torch / CUDA / cuDNN, precision, cuDNN
+    determinism, kd version): how many finished runs, their total and median training time."""
+    done = runs[runs.finished].assign(**{c: runs[c].replace("", "unknown") for c in ENVIRONMENT})
+    table = done.groupby(["dataset", *ENVIRONMENT]).agg(runs=("run_id", "size"), hours=("train_time", "sum"),
+                                                        median_minutes=("train_time", "median")).reset_index()
+    table["hours"] /= 3600.0
+    table["median_minutes"] /= 60.0
+    return table
+
+
+def write_methodology(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """methodology.csv and methodology.md: the machines and versions behind each dataset's numbers."""
+    table = methodology(runs)
+    header = ["Dataset", "GPU", "Driver", "torch", "CUDA", "cuDNN", "Precision", "cuDNN deterministic", "kd",
+              "Runs", "Training hours", "Median minutes"]
+    cells = [[*(str(r[c]) for c in ["dataset", *ENVIRONMENT]), str(r.runs), f"{r.hours:.2f}",
+              f"{r.median_minutes:.1f}"] for _, r in table.iterrows()]
+    paths = [out / "methodology.csv", out / "methodology.md"]
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text("# Computing environment per dataset\n\nFinished runs; training time is the sum of "
+                        "their epoch times.\n\n" + markdown(header, cells))
+    return paths
+

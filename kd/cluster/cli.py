@@ -78,6 +78,7 @@ def submit_argv(args: argparse.Namespace) -> list[str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from kd.cluster.grids import job_settings, load_grid
     from kd.cluster.submit import submit_grid, submit_tune
+    from kd.tracking.store import get_client, ui_hint
 
     if bool(args.grid) == bool(args.tune):
         raise SpecError("kd submit needs --grid NAME or --tune STUDY (one of them)")
@@ -88,8 +89,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     experiment=args.experiment or "kd", max_queued=args.max_queued, dry_run=args.dry_run)
         return 0
     grid = load_grid(args.grid, args.set)
-    submit_grid(grid, args.scheduler, experiment=args.experiment or grid.experiment, max_queued=args.max_queued,
+    experiment = args.experiment or grid.experiment
+    submit_grid(grid, args.scheduler, experiment=experiment, max_queued=args.max_queued,
                 pack=args.pack, dry_run=args.dry_run, retry_failed=args.retry_failed)
+    found = get_client().get_experiment_by_name(experiment)  # a dry run creates none
+    if found is not None:
+        print(ui_hint(found.experiment_id))
     return 0
 
 
@@ -100,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from kd.tracking.journal import journal_folders, journal_root, local_state, pending
     from kd.tracking.queries import NEW, SpecStatus, format_summary, latest_runs, summarize
     from kd.tracking.runs import read_config
-    from kd.tracking.store import get_client
+    from kd.tracking.store import experiment_id, get_client, ui_hint
 
     client = get_client()
     grid = load_grid(args.grid, args.set) if args.grid else None
@@ -119,6 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state in unsynced:
         print(f"unsynced: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
               f"journal): {state['pending']} record(s) in {state['folder']}; kd sync ships them")
+    if exists:
+        print(ui_hint(experiment_id(client, experiment)))
     return 0
 
 

@@ -1,7 +1,7 @@
 """What `kd submit` should do for each spec of a grid, decided from MLflow and the scheduler.
 
-MLflow says what is finished and which job last held each run (tags `kd.job_id`,
-`kd.scheduler`); the scheduler says whether that job is still alive; the Model Registry says
+MLflow says what is finished and which job last held each run (tags `ops.job_id`,
+`ops.scheduler`); the scheduler says whether that job is still alive; the Model Registry says
 which teachers are ready. Nothing here writes anything: `plan()` is a pure function of those
 observations, so a dry run is exactly what a real run would do.
 """
@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from kd.cluster.schedulers import get_scheduler
 from kd.engine.job import PACK_FIELDS
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 from kd.tracking.queries import latest_runs, spec_state
 from kd.tracking.registry import teacher_run_id, teacher_uri
 from kd.tracking.runs import lease_is_live
@@ -72,7 +73,7 @@ class Plan:
 
 def job_of(run: Run) -> tuple[str, str] | None:
     tags = run.data.tags
-    return (tags["kd.scheduler"], tags["kd.job_id"]) if "kd.job_id" in tags and "kd.scheduler" in tags else None
+    return (tags[T.SCHEDULER], tags[T.JOB_ID]) if T.JOB_ID in tags and T.SCHEDULER in tags else None
 
 
 def observe(client: MlflowClient | None, experiment: str, now: float | None = None) -> Observed:
@@ -112,18 +113,18 @@ def classify(spec: RunSpec, run: Run | None, seen: Observed, retry_failed: bool)
         if job in seen.live_jobs:
             return Item(spec, SKIP_RUNNING, run, f"{job[0]} job {job[1]}")
         if lease_is_live(run):
-            return Item(spec, SKIP_RUNNING, run, f"trained by {run.data.tags.get('kd.owner', '?')}")
+            return Item(spec, SKIP_RUNNING, run, f"trained by {run.data.tags.get(T.OWNER, '?')}")
     if needs_teacher and not seen.teacher_ready(spec):
         return Item(spec, WAIT_TEACHER, run, f"{teacher_uri(spec.dataset, spec.teacher, spec.seed)} not registered")
     if run is None:
         return Item(spec, SUBMIT)
     state = spec_state(run)
     if run.info.status == "FAILED" and not retry_failed:
-        error = (run.data.tags.get("kd.error") or "no error recorded").splitlines()[0][:120]
+        error = (run.data.tags.get(T.ERROR) or "no error recorded").splitlines()[0][:120]
         return Item(spec, SKIP_FAILED, run, f"{error}; --retry-failed resubmits")
     job = job_of(run)
     dead = f", {job[0]} job {job[1]} gone" if job else ""
-    return Item(spec, RESUME, run, f"{state}, epoch {run.data.tags.get('kd.epoch', '0')}/{spec.epochs}{dead}")
+    return Item(spec, RESUME, run, f"{state}, epoch {run.data.tags.get(T.EPOCH, '0')}/{spec.epochs}{dead}")
 
 
 def pack_key(spec: RunSpec) -> tuple:

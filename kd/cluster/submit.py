@@ -39,6 +39,7 @@ from kd.cluster.planner import (
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.journal import journal_root
 from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
@@ -144,7 +145,7 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
         run_ids = []
         for item in job:
             if item.run is None:
-                run_id = create_spec_run(client, item.spec, experiment, {"kd.grid": grid})
+                run_id = create_spec_run(client, item.spec, experiment, {T.GRID: grid})
                 if run_id is None:
                     print(f"skipped {item.spec.name()}: another submitter created its run just now", flush=True)
                     raise SkipJob
@@ -173,8 +174,8 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
             client.delete_run(run_id)
             shutil.rmtree(journals_dir(settings) / run_id, ignore_errors=True)
         raise
-    tags = {"kd.job_id": job_id, "kd.scheduler": sched.name, "kd.grid": grid, "kd.job_log": str(log),
-            "kd.submitted_at": utc_now()}
+    tags = {T.JOB_ID: job_id, T.SCHEDULER: sched.name, T.GRID: grid, T.JOB_LOG: str(log),
+            T.SUBMITTED_AT: utc_now()}
     try:
         for run_id in run_ids:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -50,6 +50,7 @@ from kd.engine.trainer import (
 )
 from kd.methods.base import Method
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 
 GRAPH = "cuda_graph"
 WARMUP_STEPS = 3  # eager steps on a side stream before each capture (PyTorch's recipe uses 3)
@@ -121,7 +122,7 @@ class Tally:
     are added in the eager order: on the CPU the result is bit-identical to the eager step's.
     """
 
-    keys: list[str]  # train_loss, loss_ce, the method's terms
+    keys: list[str]  # loss_total, loss_ce, loss_distill, the method's terms
     sums: Tensor  # float64 (K,): sum over steps of value * batch size
     correct: Tensor  # float64 ()
     streak: Tensor  # int64 (): fp16 steps skipped in a row
@@ -373,6 +374,6 @@ class GraphedTrainer(Trainer):
             s.optimizer.zero_grad(set_to_none=True)
             if s.scaler is not None:
                 s.scaler._per_optimizer_states.clear()  # what update() resets; a capture may stop midway
-            s.tag({"kd.step_mode": self.failure})
+            s.tag({T.STEP_MODE: self.failure})
         self.settle()
         print(f"kd: CUDA graph capture failed, training eagerly: {reason}", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kd.data import load_dataset
+from kd.data.inputs import dataset_inputs
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
 from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
@@ -39,7 +40,10 @@ from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
+from kd.tracking import tags as T
 from kd.tracking.journal import JournalError, journal_root, prune
+from kd.tracking.logged_models import model_shape
+from kd.tracking.presentation import SUMMARY_STEP, provenance_tags, summary_values
 from kd.tracking.registry import resolve_teacher
 from kd.tracking.runs import DIRECT, JOURNAL_ONLY, RunTracker, local_run_folder, read_json, runs_by_key
 from kd.tracking.sender import REGISTERED, Sender
@@ -111,7 +115,7 @@ def started_with(client: MlflowClient, spec: RunSpec, experiment: str) -> str | 
     runs = runs_by_key(client, spec.key(), experiment)
     if not runs or runs[0].info.status == "FINISHED":
         return None
-    return runs[0].data.tags.get("kd.teacher_run")
+    return runs[0].data.tags.get(T.TEACHER_RUN)
 
 
 @contextmanager
@@ -208,6 +212,9 @@ def run_specs(
                      else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
             teacher, source, teacher_run = load_teacher(spec, data, dev, found)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
+        inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
+        shape = model_shape(data.num_classes, data.in_channels, data.image_size)
+        provenance = provenance_tags(dev)
         if local:
             journal_runs = [local_run_folder(root, s, experiment, force) for s in specs]
         if journal_runs:
@@ -222,15 +229,18 @@ def run_specs(
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:
-                    tracker.set_tags({"kd.teacher_source": source})
+                    tracker.set_tags({T.TEACHER_SOURCE: source})
                     if teacher_run:  # from the registry: the teacher this student keeps after a resume
-                        tracker.set_tags({"kd.teacher_run": teacher_run})
+                        tracker.set_tags({T.TEACHER_RUN: teacher_run})
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
-                    tracker.set_tags({"kd.init_source": init_source})
+                    tracker.set_tags({T.INIT_SOURCE: init_source})
                 students.append(make_student(spec, tracker, model, method, amp, graphed=mode == fast.GRAPH))
-                students[-1].tag({"kd.step_mode": mode, "kd.compile": compiled.ON if compile else compiled.OFF,
-                                  "kd.precision": amp.name, "kd.cudnn_deterministic": str(cudnn_deterministic).lower()})
+                students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if compile else compiled.OFF,
+                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(cudnn_deterministic).lower(),
+                                  **provenance})
+                tracker.record("inputs", inputs=inputs)
+                tracker.record("describe", spec=spec.to_dict(), teacher_run=teacher_run if spec in taught else None)
             with sigterm_flag() as should_stop, SystemSampler(trackers):
                 for student in students:
                     pretrain_once(student, teacher, data, should_stop)
@@ -238,7 +248,7 @@ def run_specs(
                 trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
                                         compiled.CompiledForwards(compile), collapse_after)
                 trainer.run()
-            outcomes = [finish(s) for s in students if trainer.alive(s)]
+            outcomes = [finish(s, shape) for s in students if trainer.alive(s)]
         except BaseException as err:
             dropped = {s.tracker.run_id for s in students if trainer is not None and not trainer.alive(s)}
             for t in trackers:
@@ -385,9 +395,10 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
         s.tracker.log_file(path)
 
 
-def finish(s: Student) -> Outcome:
-    """best.pth and metrics.json, FINISHED, then (teachers) the registry alias: in this order in the
-    journal, so the teacher is registered only once all of its epochs are in the store."""
+def finish(s: Student, shape: dict[str, int]) -> Outcome:
+    """best.pth, metrics.json, the summary metrics and the logged model, FINISHED, then (teachers)
+    the registry alias and the description that names it: in this order in the journal, so the
+    teacher is registered only once all of its epochs are in the store."""
     best = s.tracker.journal.folder / "files" / "best.pth"
     best.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({"weights": s.best_weights}, best)
@@ -395,7 +406,9 @@ def finish(s: Student) -> Outcome:
     history = {k: list(v) for k, v in s.history.items()}
     s.tracker.log_json("metrics.json", {**history, "config": s.spec.to_dict()})
     final_acc = history["test_acc"][-1]
-    s.tracker.record("log", step=s.epoch, metrics={"best_test_acc": s.best_acc, "final_test_acc": final_acc})
+    s.tracker.record("log", step=SUMMARY_STEP, metrics=summary_values(history))
+    s.tracker.record("model", spec=s.spec.to_dict(), path=str(best.relative_to(s.tracker.journal.folder)),
+                     shape=shape)
     s.tracker.end("FINISHED")
     if s.spec.role == "teacher":
         s.tracker.record("register", sync=True, spec=s.spec.to_dict(), best_acc=s.best_acc)

@@ -1,7 +1,8 @@
 """The epoch loop: 1..N students against one teacher and one batch stream.
 
 Per batch the teacher runs once; each student takes its own step with
-`loss = (1 - alpha) * CE + alpha * sum(method terms)`. Per epoch each student is evaluated,
+`loss_total = (1 - alpha) * loss_ce + alpha * loss_distill`, where `loss_distill` is the sum
+of the method's terms. Per epoch each student is evaluated,
 checkpointed (committed first) and then its metrics are logged, so a kill at any moment
 leaves no metric step logged twice or missing: on resume, the steps the checkpoint knows and
 MLflow lacks are logged from the checkpoint's history. A student whose loss diverges, or whose
@@ -30,8 +31,11 @@ from kd.engine.compiled import CompiledForwards
 from kd.engine.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
+from kd.tracking import tags as T
 from kd.tracking.runs import RunTracker
 
+# The loss metrics every method logs (docs/methods.md); each method adds its own terms.
+LOSS_TOTAL, LOSS_CE, LOSS_DISTILL = "loss_total", "loss_ce", "loss_distill"
 MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
 
 
@@ -214,15 +218,19 @@ def student_losses(
     s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, precision: Precision,
     forward: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
-    """A student's outputs, its loss, and what is logged of it: `train_loss`, `loss_ce`, the method's terms.
-    `forward`: the model's compiled stand-in, if any."""
+    """A student's outputs, its loss, and what is logged of it, one meaning per name in every method:
+    `loss_total` (what is optimised), `loss_ce`, and for KD `loss_distill` (the sum of the method's
+    terms, before alpha) and the terms themselves. `forward`: the model's compiled stand-in, if any."""
     spec = s.spec
     with precision.autocast():
         out = (s.model if forward is None else forward)(x)
         ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
         terms = s.method(out, teacher_out, y, epoch)
-        loss = (1 - spec.alpha) * ce + spec.alpha * sum(terms.values()) if terms else ce
-    return out, loss, {"train_loss": loss, "loss_ce": ce, **terms}
+        if not terms:
+            return out, ce, {LOSS_TOTAL: ce, LOSS_CE: ce}
+        distill = sum(terms.values())
+        loss = (1 - spec.alpha) * ce + spec.alpha * distill
+    return out, loss, {LOSS_TOTAL: loss, LOSS_CE: ce, LOSS_DISTILL: distill, **terms}
 
 
 class Trainer:
@@ -321,7 +329,7 @@ class Trainer:
         self.forwards.prepare(self.teacher, [s.model for s in self.students], x, y, precision.autocast)
         if self.forwards.state != before:  # compilation failed: the runs say so
             for s in self.students:
-                s.tag({"kd.compile": self.forwards.state})
+                s.tag({T.COMPILE: self.forwards.state})
         return self.forwards
 
     def settle(self) -> None:
@@ -397,7 +405,7 @@ class Trainer:
             self.on_epoch(s, epoch, metrics)
         if not self.progress or len(self.students) > 1:
             print(
-                f"[{s.spec.name()}] epoch {epoch}/{s.spec.epochs} train_loss {metrics['train_loss']:.4f} "
+                f"[{s.spec.name()}] epoch {epoch}/{s.spec.epochs} loss_total {metrics[LOSS_TOTAL]:.4f} "
                 f"train_acc {metrics['train_acc']:.2f} test_acc {metrics['test_acc']:.2f} "
                 f"lr {metrics['lr']:.4g} ({seconds:.1f}s)",
                 flush=True,

@@ -30,6 +30,7 @@ def at_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:
 @register_method
 class AttentionTransfer(Method):
     name = "attention_transfer"
+    label = "at"  # as its term, loss_at
     reference = "Zagoruyko & Komodakis 2017, eq. 2 (beta/2 sum_j ||Q_s/||Q_s|| - Q_t/||Q_t|| ||, squared as in their code)"
     options = {
         "at_p": (2.0, "exponent p of the attention map mean_c |f_c|^p"),

@@ -40,6 +40,9 @@ class Method(nn.Module):
     """Base of every method; `options` maps option name -> (default, one-line meaning)."""
 
     name: ClassVar[str]
+    # The run name's spelling (kd.spec.RunSpec.name), short enough that method, alpha and seed fit
+    # in the 24 characters MLflow's runs table and chart legends show; the tag kd.method keeps `name`.
+    label: ClassVar[str | None] = None
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
     rules: ClassVar[dict[str, Rule]] = {}  # option -> the values it may take (every *_weight: >= 0)
     reference: ClassVar[str] = ""

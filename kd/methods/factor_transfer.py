@@ -62,6 +62,7 @@ class Paraphraser(nn.Module):
 @register_method
 class FactorTransfer(Method):
     name = "factor_transfer"
+    label = "ft"  # as its term, loss_ft
     reference = (
         "Kim et al. 2018, sec. 3 (paraphraser reconstruction; FT loss || F_T/||F_T|| - F_S/||F_S|| ||_1)"
     )

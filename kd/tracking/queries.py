@@ -9,9 +9,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 from kd.tracking.runs import lease_is_live
 from kd.tracking.store import experiment_id
-from kd.tracking.tags import ERROR
 
 # The state of a spec, from its newest run.
 FINISHED, RUNNING, QUEUED, FAILED, KILLED, STALE, NEW = (
@@ -25,11 +25,11 @@ def latest_runs(client: MlflowClient, experiment: str) -> dict[str, Run]:
     token = None
     while True:
         page = client.search_runs(
-            [experiment_id(client, experiment)], "tags.`kd.key` != ''",
+            [experiment_id(client, experiment)], f"tags.`{T.KEY}` != ''",
             order_by=["attributes.start_time DESC"], max_results=1000, page_token=token,
         )
         for run in page:
-            runs.setdefault(run.data.tags["kd.key"], run)
+            runs.setdefault(run.data.tags[T.KEY], run)
         token = page.token
         if not token:
             return runs
@@ -58,7 +58,7 @@ class SpecStatus:
 
     @property
     def epochs_done(self) -> int:
-        return int(self.run.data.tags.get("kd.epoch", 0)) if self.run else 0
+        return int(self.run.data.tags.get(T.EPOCH, 0)) if self.run else 0
 
 
 def summarize(client: MlflowClient, specs: list[RunSpec], experiment: str) -> list[SpecStatus]:
@@ -70,11 +70,11 @@ def format_summary(rows: list[SpecStatus]) -> str:
     """The `kd status` table: one line per spec, then the counts per state."""
     lines = [f"{'run':58s} {'state':14s} {'epochs':>9s}  {'job':>10s}  run id"]
     for row in rows:
-        job = row.run.data.tags.get("kd.job_id", "") if row.run else ""
+        job = row.run.data.tags.get(T.JOB_ID, "") if row.run else ""
         run_id = row.run.info.run_id if row.run else ""
         lines.append(f"{row.spec.name():58s} {row.state:14s} {row.epochs_done:>4d}/{row.spec.epochs:<4d}  {job:>10s}  {run_id}")
-        if row.state in (FAILED, KILLED) and row.run.data.tags.get(ERROR):  # why, where the user looks first
-            lines.append(f"    {row.run.data.tags[ERROR][:200]}")
+        if row.state in (FAILED, KILLED) and row.run.data.tags.get(T.ERROR):  # why, where the user looks first
+            lines.append(f"    {row.run.data.tags[T.ERROR][:200]}")
     counts = Counter(row.state for row in rows)
     lines.append(", ".join(f"{n} {state}" for state, n in counts.most_common()) + f" ({len(rows)} specs)")
     return "\n".join(lines)

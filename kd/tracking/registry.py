@@ -2,11 +2,14 @@
 
 A teacher run that trained every epoch is registered as model `{dataset}-{model}` with alias
 `seed{seed}` (e.g. `models:/cifar100-ResNet112@seed0`); students resolve theirs by
-(dataset, teacher model, seed). Nothing else is ever registered.
+(dataset, teacher model, seed). A version is the run's logged model (`kd.tracking.logged_models`:
+pt2, logits out), so `mlflow.pytorch.load_model` on the alias works; students still download the
+run's best.pth. Nothing else is ever registered.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,8 +17,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from kd.data import DATASETS
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.ledger import Ledger, owner_id
+from kd.tracking.logged_models import log_trained_model, model_shape, run_model_id
+from kd.tracking.presentation import describe_run
 
 TAKEOVER_S = 120  # a registration claimed this long ago without a version: its claimant died
 
@@ -36,8 +43,8 @@ def teacher_uri(dataset: str, model: str, seed: int) -> str:
     return f"models:/{registered_name(dataset, model)}@{alias(seed)}"
 
 
-def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc: float) -> str | None:
-    """Register a finished teacher's best.pth and point its seed alias at the new version, exactly once.
+def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc: float, model_id: str) -> str | None:
+    """Register a finished teacher's logged model and point its seed alias at the new version, exactly once.
 
     The job's sender, `kd sync` and the submitter's repair may all try at the same moment: the
     ledger's claim `<run id>/register/<n>` decides who registers; the others return None. A claim
@@ -62,10 +69,9 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
         client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")
     except MlflowException:  # it exists already
         pass
-    source = f"{client.get_run(run_id).info.artifact_uri}/best.pth"
     tags = {"dataset": spec.dataset, "model": spec.model, "seed": str(spec.seed), "test_acc": f"{test_acc:.2f}",
-            "kd.key": spec.key()}
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+            T.KEY: spec.key()}
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
     client.set_registered_model_alias(name, alias(spec.seed), version.version)
     ledger.claim(f"{prefix}/{generation}/done", str(version.version))
     return f"{name}@{alias(spec.seed)} (version {version.version})"
@@ -84,7 +90,20 @@ def register_if_missing(client: MlflowClient, run: Run, spec: RunSpec) -> str | 
     marking it FINISHED and registering it would otherwise hold its students back forever."""
     if spec.role != "teacher" or run.info.status != "FINISHED":
         return None
-    return register_teacher(client, run.info.run_id, spec, run.data.metrics.get("best_test_acc", float("nan")))
+    if registered_version(client, registered_name(spec.dataset, spec.model), run.info.run_id) is not None:
+        return None
+    model_id = run_model_id(client, run.info.run_id)
+    if model_id is None:  # killed before its model was logged
+        info = DATASETS[spec.dataset]
+        with tempfile.TemporaryDirectory(prefix="kd-") as tmp:
+            weights = client.download_artifacts(run.info.run_id, "best.pth", tmp)
+            model_id = log_trained_model(client, run.info.run_id, spec.to_dict(), weights,
+                                         model_shape(info.num_classes, info.channels, info.image_size))
+    registered = register_teacher(client, run.info.run_id, spec, run.data.metrics.get("best_test_acc", float("nan")),
+                                  model_id)
+    if registered:
+        describe_run(client, run.info.run_id, spec.to_dict())
+    return registered
 
 
 def teacher_run_id(client: MlflowClient, dataset: str, model: str, seed: int) -> str | None:

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
 from kd.spec import RunSpec, SpecError
+from kd.tracking import tags as T
 from kd.tracking.journal import LOCAL_PREFIX, Journal, WriterLock, journal_folders, local_state
 from kd.tracking.ledger import Ledger, owner_id
 from kd.tracking.store import experiment_id, get_client
-from kd.tracking.tags import EPOCH, ERROR, HEARTBEAT, HOST, OWNER, TRACKING
 
 if TYPE_CHECKING:
     from kd.tracking.sender import Sender
@@ -49,18 +49,12 @@ class AlreadyFinished(RunRefused):
 
 
 def spec_tags(spec: RunSpec) -> dict[str, str]:
-    """The searchable identity of a run (ARCHITECTURE.md contract 2)."""
-    tags = {
-        "kd.key": spec.key(),
-        "kd.role": spec.role,
-        "kd.dataset": spec.dataset,
-        "kd.model": spec.model,
-        "kd.method": spec.method,
-        "kd.alpha": f"{spec.alpha:g}",
-        "kd.seed": str(spec.seed),
-    }
+    """The searchable identity of a run (ARCHITECTURE.md contract 2), spelled as its params."""
+    params = spec.params()
+    tags = {T.KEY: spec.key(), T.ROLE: spec.role, T.DATASET: spec.dataset, T.MODEL: spec.model,
+            T.METHOD: spec.method, T.ALPHA: params["alpha"], T.SEED: params["seed"]}
     if spec.teacher:
-        tags["kd.teacher"] = spec.teacher
+        tags[T.TEACHER] = spec.teacher
     return tags
 
 
@@ -68,7 +62,7 @@ def runs_by_key(client: MlflowClient, key: str, experiment: str) -> list[Run]:
     """Runs of one spec, newest first (more than one only after `--force`)."""
     return client.search_runs(
         [experiment_id(client, experiment)],
-        f"tags.`kd.key` = '{key}'",
+        f"tags.`{T.KEY}` = '{key}'",
         order_by=["attributes.start_time DESC"],
     )
 
@@ -90,10 +84,10 @@ def owner_is_dead_here(owner: str) -> bool:
 
 def lease_is_live(run: Run, now: float | None = None) -> bool:
     """RUNNING with a recent heartbeat from a process that is not known to be dead."""
-    beat = run.data.tags.get(HEARTBEAT)
+    beat = run.data.tags.get(T.HEARTBEAT)
     if run.info.status != "RUNNING" or beat is None:
         return False
-    if owner_is_dead_here(run.data.tags.get(OWNER, "")):
+    if owner_is_dead_here(run.data.tags.get(T.OWNER, "")):
         return False
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
@@ -111,7 +105,7 @@ def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dic
         if key in logged and not same_param(logged[key], value):
             raise SpecError(f"param {key} is {logged[key]!r} in run {run_id} but the spec has {value!r}: "
                             "pass the same value")
-    tags = {**spec_tags(spec), "mlflow.runName": spec.name(), **(extra_tags or {})}
+    tags = {**spec_tags(spec), T.RUN_NAME: spec.name(), **(extra_tags or {})}
     client.log_batch(
         run_id,
         params=[Param(k, v) for k, v in spec.params().items() if k not in logged],
@@ -200,15 +194,15 @@ class RunTracker:
                     latest, spec,
                 )
             if latest is not None and lease_is_live(latest):
-                raise busy(spec, latest.data.tags.get(OWNER), latest.info.run_id)
+                raise busy(spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
             if latest is not None and latest.info.status != "FINISHED" and not force:
                 run_id, resume = latest.info.run_id, True
                 if attach_run_id and attach_run_id != run_id:
-                    client.set_tag(attach_run_id, "kd.resumed_in", run_id)
+                    client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
                 break
             holder = ledger.claim(attempt_key(exp, spec, attempt), attach_run_id or owner)
             if holder in (attach_run_id, owner):
-                tags = {**(extra_tags or {}), **({"kd.attempt": str(attempt)} if attempt > 1 else {})}
+                tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if attempt > 1 else {})}
                 if attach_run_id:
                     run_id = attach_run_id
                     write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
@@ -224,7 +218,7 @@ class RunTracker:
         won, holder, _ = ledger.claim_next(f"{run_id}/lease", owner)
         if not won:
             raise busy(spec, holder, run_id)
-        tags = {OWNER: owner, HEARTBEAT: f"{time.time():.0f}", HOST: socket.gethostname(), TRACKING: DIRECT}
+        tags = {T.OWNER: owner, T.HEARTBEAT: f"{time.time():.0f}", T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.update_run(run_id, status="RUNNING")
         tracker = cls(run_id, spec, Journal(journal_root / run_id), resume, client, sender)
@@ -248,7 +242,7 @@ class RunTracker:
                                   "round (or `kd sync`) ships it", None, spec)
         journal = Journal(folder)
         tracker = cls(folder.name, spec, journal, bool(journal.seq), lock=lock)
-        tracker.record("log", tags={OWNER: owner_id(), HOST: socket.gethostname(), TRACKING: JOURNAL_ONLY})
+        tracker.record("log", tags={T.OWNER: owner_id(), T.HOST: socket.gethostname(), T.TRACKING: JOURNAL_ONLY})
         tracker.record("status", status="RUNNING")
         return tracker
 
@@ -263,7 +257,7 @@ class RunTracker:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """One point per metric at step=epoch, then the epoch tag; fsynced: an epoch is durable."""
         self.record("log", sync=True, step=epoch, epoch=True, metrics={k: float(v) for k, v in metrics.items()},
-                    tags={EPOCH: str(epoch)})
+                    tags={T.EPOCH: str(epoch)})
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         self.record("log", step=step, metrics={key: float(value)})
@@ -301,7 +295,7 @@ class RunTracker:
 
     def end(self, status: str, error: str | None = None) -> None:
         if error:
-            self.record("log", tags={ERROR: error[:5000]})
+            self.record("log", tags={T.ERROR: error[:5000]})
         self.record("status", sync=True, status=status)
 
     def release(self) -> None:

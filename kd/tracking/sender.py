@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from kd.engine.faults import crash_point
 from kd.spec import RunSpec
+from kd.tracking import tags as T
 from kd.tracking.journal import (
     STORE_RUN_ID,
     JournalError,
@@ -30,9 +31,10 @@ from kd.tracking.journal import (
     prune,
     store_run_id,
 )
+from kd.tracking.logged_models import log_trained_model, run_model_id
+from kd.tracking.presentation import describe_run, log_dataset_inputs
 from kd.tracking.registry import register_teacher
 from kd.tracking.runs import create_spec_run, read_json
-from kd.tracking.tags import ERROR, HEARTBEAT
 
 MAX_BACKOFF_S = 30.0
 HEARTBEAT_SECONDS = 30
@@ -77,7 +79,7 @@ def create_local_run(client: MlflowClient, folder: Path, record: dict[str, Any])
     spec = RunSpec.from_dict(read_json(folder / "config.json"))
     run_id = store_run_id(folder)
     while run_id is None:
-        run_id = create_spec_run(client, spec, record["experiment"], {"kd.journal": str(folder)})
+        run_id = create_spec_run(client, spec, record["experiment"], {T.JOURNAL: str(folder)})
     (folder / STORE_RUN_ID).write_text(run_id)
     mark_shipped(folder, record["seq"])
     return run_id
@@ -115,18 +117,30 @@ def apply(client: MlflowClient, run_id: str, folder: Path, chunk: list[dict[str,
             client.update_run(run_id, status="RUNNING")
             return
         if record["status"] == "FINISHED":  # a finished run carries no reason it once stopped
-            if ERROR in client.get_run(run_id).data.tags:
-                client.delete_tag(run_id, ERROR)
+            if T.ERROR in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, T.ERROR)
         client.set_terminated(run_id, status=record["status"], end_time=record["ts"])
     elif op == "artifact":
         path = folder / record["path"]
         if path.exists():  # a file replaced since (a newer checkpoint) was shipped with its newer record
             client.log_artifact(run_id, str(path), record.get("dir"))
             crash_point("checkpoint_upload")
+    elif op == "inputs":
+        log_dataset_inputs(client, run_id, record["inputs"])
+    elif op == "describe":
+        describe_run(client, run_id, record["spec"], record.get("teacher_run"))
+    elif op == "model":  # once: a logged model of the run exists after a crash between logging and noting it
+        if run_model_id(client, run_id) is None:
+            log_trained_model(client, run_id, record["spec"], str(folder / record["path"]), record["shape"])
     elif op == "register":
-        note = register_teacher(client, run_id, RunSpec.from_dict(record["spec"]), record["best_acc"])
+        model_id = run_model_id(client, run_id)
+        if model_id is None:
+            raise JournalError(f"journal {folder} registers run {run_id}, which has no logged model: "
+                               "run kd sync again after the run's `model` record is shipped")
+        note = register_teacher(client, run_id, RunSpec.from_dict(record["spec"]), record["best_acc"], model_id)
         if note:
             (folder / REGISTERED).write_text(note)
+            describe_run(client, run_id, record["spec"])
     else:
         raise JournalError(f"journal {folder} holds an unknown record '{op}': update kd, or remove the folder")
 
@@ -188,7 +202,7 @@ class Sender:
     def beat(self) -> None:
         stamp = f"{time.time():.0f}"
         for folder in self.folders:
-            self.client.log_batch(folder.name, tags=[RunTag(HEARTBEAT, stamp)])
+            self.client.log_batch(folder.name, tags=[RunTag(T.HEARTBEAT, stamp)])
 
     def poke(self) -> None:
         self.idle.clear()

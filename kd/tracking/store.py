@@ -10,10 +10,16 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 
 from kd.spec import SpecError
+from kd.tracking import tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kd"
 JOURNAL_ONLY_URI = "journal-only"  # what a journal-only job's MLFLOW_TRACKING_URI says: no store to open
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow 3 opens an experiment in its GenAI view (traces, prompts) unless told otherwise: the
+# query selects the model-training view, the experiment tag makes it the experiment's default.
+TRAINING_VIEW = "workflowType=machine_learning"
+TRAINING_KIND = "custom_model_development"
 
 
 def tracking_uri() -> str:
@@ -92,7 +98,8 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={tags.EXPERIMENT_KIND: TRAINING_KIND})
     except Exception:  # another process created it first
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -100,6 +107,15 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
         return found.experiment_id
 
 
-def ui_command() -> str:
-    """The exact command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri '{tracking_uri()}'"
+def runs_url(base: str, exp_id: str) -> str:
+    """The experiment's runs table in MLflow's model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}"
+
+
+def ui_hint(exp_id: str) -> str:
+    """How to see the experiment's runs: a server store's URL, else the `mlflow ui` command and
+    the URL it will serve them at. Every command that prints a UI link prints this."""
+    uri = tracking_uri()
+    if uri.startswith(("http:", "https:")):
+        return f"MLflow UI: {runs_url(uri, exp_id)}"
+    return f"MLflow UI: run `mlflow ui --backend-store-uri '{uri}'`, then open {runs_url(LOCAL_UI, exp_id)}"
