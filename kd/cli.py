@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
 
@@ -28,17 +28,33 @@ def _flag(name: str) -> list[str]:
     return [dashed] if "_" not in name else [dashed, "--" + name]
 
 
+def milestones(text: str) -> tuple[int, ...]:
+    """`--milestones 60,120`: comma-separated epochs."""
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def text_or_none(text: str) -> str | None:
+    """A name or path; empty or `none` means the default."""
+    return None if text in ("", "None", "none") else text
+
+
 def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
-    """How to read a flag's text, from the field's default value."""
+    """How to read a flag's text, from the field's default value (argparse names the function in errors)."""
     if name == "milestones":
-        return lambda text: tuple(int(x) for x in text.split(",") if x.strip())
-    if isinstance(default, bool):
-        return lambda text: text.lower() in ("1", "true", "yes")
+        return milestones
     if isinstance(default, int):
         return int
     if isinstance(default, float) or name == "label_smoothing":
         return float
-    return lambda text: None if text in ("", "None", "none") else text
+    return text_or_none
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line with a `--help` hint (exit 2), not the usage block;
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
@@ -210,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kd", description="Experiment-tracked knowledge distillation on MLflow.")
+    parser = Parser(prog="kd", description="Experiment-tracked knowledge distillation on MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a teacher or a pure student (no distillation)")
