@@ -37,6 +37,7 @@ from kd.engine.trainer import (
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
+from kd.models.weights import fit_state_dict, load_state_dict_file
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker, runs_by_key
@@ -90,10 +91,7 @@ def load_teacher(client: MlflowClient, spec: RunSpec, data: DeviceData, device: 
                  experiment: str):
     path, source, run_id = resolve_teacher(client, spec, tmp, started_with(client, spec, experiment))
     teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
-    try:
-        teacher.load_state_dict(load_weights_only(path)["weights"])
-    except (KeyError, RuntimeError) as err:
-        raise SpecError(f"teacher weights {path} do not fit {spec.teacher}: {str(err).splitlines()[0]}") from None
+    fit_state_dict(teacher, load_state_dict_file(path, "teacher weights"), f"teacher weights {path}", spec.teacher)
     return teacher.to(device).eval().requires_grad_(False), source, run_id
 
 
@@ -175,6 +173,9 @@ def run_specs(
         tmp = Path(tmp_name)
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
                           first.train_limit)
+        if first.batch_size > len(data.train):  # a typo, not a recipe: refused before any run
+            raise SpecError(f"batch_size {first.batch_size} is larger than the training set of {first.dataset} "
+                            f"({len(data.train)} images): pass --batch-size {len(data.train)} or less")
         teacher, source, teacher_run = (None, None, None)
         taught = [s for s in specs if s.teacher or s.teacher_weights]
         if taught:
