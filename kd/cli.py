@@ -278,6 +278,20 @@ def quiet_store_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def tag_attached_run(message: str) -> None:
+    """Under `mlflow run`, the run mlflow created (and marks FAILED) says why in `kd.error`. Best effort:
+    the store itself may be what was refused, and the message is printed either way."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from kd.tracking.store import get_client
+
+    try:
+        get_client().set_tag(run_id, "kd.error", message)
+    except Exception:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kd.engine.trainer import Stopped, TrainingDiverged
     from kd.tracking.runs import RunRefused
@@ -288,9 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except RunRefused as busy:
         print(f"kd: {busy}", file=sys.stderr)
+        tag_attached_run(str(busy))
         return EXIT_BUSY
     except SpecError as bad:
         print(f"kd: {bad}", file=sys.stderr)
+        tag_attached_run(str(bad))
         return EXIT_BAD_INPUT
     except TrainingDiverged as diverged:
         print(f"kd: run FAILED: {diverged}", file=sys.stderr)

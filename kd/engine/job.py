@@ -41,7 +41,7 @@ from kd.models.weights import fit_state_dict, load_state_dict_file
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking.registry import register_teacher, resolve_teacher
 from kd.tracking.runs import RunTracker, runs_by_key
-from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
+from kd.tracking.store import DEFAULT_EXPERIMENT, check_writable, get_client
 
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
@@ -163,6 +163,7 @@ def run_specs(
     if collapse_after < 0:
         raise SpecError(f"collapse_after {collapse_after} is negative: pass --collapse-after 0 (never) or more")
     check_pack(specs)
+    check_writable()
     first = specs[0]
     dev = pick_device(device)
     check_precision(precision)

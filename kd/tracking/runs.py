@@ -247,6 +247,8 @@ class RunTracker:
     def end(self, status: str, error: str | None = None) -> None:
         if error:
             self.client.set_tag(self.run_id, "kd.error", error[:5000])
+        elif status == "FINISHED" and "kd.error" in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, "kd.error")  # an earlier attempt's: not why it ended
         self.client.set_terminated(self.run_id, status=status)
 
 
