@@ -133,16 +133,24 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     return RunSpec.create(**values)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_spec(args: argparse.Namespace) -> RunSpec:
+    """The spec of `kd train ARGS`."""
     role = args.role or TRAIN_DEFAULTS["role"]
     model = TEACHER_MODEL if role == "teacher" else STUDENT_MODEL
-    spec = spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
-    return train_and_report([spec], args)
+    return spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
+
+
+def distill_spec(args: argparse.Namespace) -> RunSpec:
+    """The spec of `kd distill ARGS`."""
+    return spec_from_args(args, DISTILL_DEFAULTS, model=args.student, role="student")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return train_and_report([train_spec(args)], args)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, DISTILL_DEFAULTS, model=args.student, role="student")
-    return train_and_report([spec], args)
+    return train_and_report([distill_spec(args)], args)
 
 
 def train_and_report(specs: list[RunSpec], args: argparse.Namespace) -> int:

@@ -105,6 +105,9 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
         raise SpecError(f"grid presets for {', '.join(unknown)}: presets are given for teacher and student")
     fields = {k: v for k, v in base.items() if k in spec_fields()}
     methods = listed(raw.get("methods"), "methods")
+    for method in methods:
+        if not isinstance(method, str):
+            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: see kd methods")
     options = track_options(base, methods)
 
     def values(role: str, distilling: bool) -> dict[str, Any]:
@@ -179,20 +182,20 @@ def check_spec_keys(values: dict[Any, Any], path: Path) -> None:
                             f"({', '.join(spec_fields())}) or a method option (kd methods)")
 
 
-def track_options(base: dict[str, Any], methods: list[Any]) -> dict[str, dict[str, Any]]:
+def track_options(base: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
     """The method options of `spec:` (under `options:` or by name) for each of the track's methods;
     an option that none of its methods has is refused, naming the methods."""
     from kd.methods import METHODS
 
     given = {**mapping(base.get("options"), "grid spec options"),
              **{k: v for k, v in base.items() if k in method_options()}}
-    known = [m for m in methods if isinstance(m, str) and m in METHODS]
+    known = [m for m in methods if m in METHODS]
     for name in given:
         if not any(name in METHODS[m].options for m in known):
             owners = method_options().get(name)
             owned = f"belongs to {', '.join(owners)}" if owners else "belongs to no method"
             raise SpecError(f"grid spec option {name!r} {owned}, not to the grid's methods "
-                            f"({', '.join(map(str, methods)) or 'none'}): drop it, or add its method to methods")
+                            f"({', '.join(methods) or 'none'}): drop it, or add its method to methods")
     return {m: {k: v for k, v in given.items() if k in METHODS[m].options} for m in known}
 
 
