@@ -74,7 +74,7 @@ def test_teacher_weights_that_are_not_a_fitting_state_dict_give_one_line(store, 
     good = digits_resnet8()
     first = next(iter(good))
     wanted = {
-        "text": ("not a checkpoint\n", "is not a PyTorch checkpoint"),
+        "text": ("not a checkpoint\n", "PyTorch checkpoint ("),
         "code": ({"weights": RunsCode(marker)}, "is not a weights-only PyTorch checkpoint"),
         "shape": ({"weights": digits_resnet8(100)}, first_other_shape(digits_resnet8(100), good)),
         "missing": ({k: v for k, v in good.items() if k != first}, f"it lacks {first}"),
@@ -84,6 +84,7 @@ def test_teacher_weights_that_are_not_a_fitting_state_dict_give_one_line(store, 
     path.write_text(content) if isinstance(content, str) else torch.save(content, path)
     line = one_line(run_kd(*DISTILL, "--teacher-weights", str(path)))
     assert line.startswith(f"kd: teacher weights {path} ") and needle in line
+    assert ("holds code" in line) is (case == "code")
     assert not marker.exists() and all_runs() == []
 
 

@@ -24,8 +24,9 @@ def load_state_dict_file(path: str | Path, what: str) -> dict[str, Tensor]:
     except OSError as err:
         raise SpecError(f"{what} {path} cannot be read ({err.strerror or err}): {SAVE_HINT}") from None
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise SpecError(f"{what} {path} is not a PyTorch checkpoint (unreadable pickle): {SAVE_HINT}") from None
+        if "global" not in str(err).lower():  # no class or function to import: not a pickle of tensors at all
+            raise SpecError(f"{what} {path} is not a weights-only PyTorch checkpoint (no tensors in it: a plain "
+                            f"pickle or another file): {SAVE_HINT}") from None
         raise SpecError(f"{what} {path} is not a weights-only PyTorch checkpoint (it holds code or other objects, "
                         f"which kd does not run): {SAVE_HINT}") from None
     except Exception as err:  # a text file, an empty or cut file: torch raises KeyError, EOFError, RuntimeError...
