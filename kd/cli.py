@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
 
@@ -30,17 +30,33 @@ def _flag(name: str) -> list[str]:
     return [dashed] if "_" not in name else [dashed, "--" + name]
 
 
+def milestones(text: str) -> tuple[int, ...]:
+    """`--milestones 60,120`: comma-separated epochs."""
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def text_or_none(text: str) -> str | None:
+    """A name or path; empty or `none` means the default."""
+    return None if text in ("", "None", "none") else text
+
+
 def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
-    """How to read a flag's text, from the field's default value."""
+    """How to read a flag's text, from the field's default value (argparse names the function in errors)."""
     if name == "milestones":
-        return lambda text: tuple(int(x) for x in text.split(",") if x.strip())
-    if isinstance(default, bool):
-        return lambda text: text.lower() in ("1", "true", "yes")
+        return milestones
     if isinstance(default, int):
         return int
     if isinstance(default, float) or name == "label_smoothing":
         return float
-    return lambda text: None if text in ("", "None", "none") else text
+    return text_or_none
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line with a `--help` hint (exit 2), not the usage block;
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
@@ -132,16 +148,24 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     return RunSpec.create(**values)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_spec(args: argparse.Namespace) -> RunSpec:
+    """The spec of `kd train ARGS`."""
     role = args.role or TRAIN_DEFAULTS["role"]
     model = TEACHER_MODEL if role == "teacher" else STUDENT_MODEL
-    spec = spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
-    return train_and_report([spec], args)
+    return spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
+
+
+def distill_spec(args: argparse.Namespace) -> RunSpec:
+    """The spec of `kd distill ARGS`."""
+    return spec_from_args(args, DISTILL_DEFAULTS, model=args.student, role="student")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return train_and_report([train_spec(args)], args)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args, DISTILL_DEFAULTS, model=args.student, role="student")
-    return train_and_report([spec], args)
+    return train_and_report([distill_spec(args)], args)
 
 
 def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_runs: list[Path] | None = None) -> int:
@@ -253,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kd", description="Experiment-tracked knowledge distillation on MLflow.")
+    parser = Parser(prog="kd", description="Experiment-tracked knowledge distillation on MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a teacher or a pure student (no distillation)")
@@ -309,6 +333,20 @@ def quiet_store_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def tag_attached_run(message: str) -> None:
+    """Under `mlflow run`, the run mlflow created (and marks FAILED) says why in `kd.error`. Best effort:
+    the store itself may be what was refused, and the message is printed either way."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from kd.tracking.store import get_client
+
+    try:
+        get_client().set_tag(run_id, "kd.error", message)
+    except Exception:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kd.engine.trainer import Stopped, TrainingDiverged
     from kd.tracking.runs import RunRefused
@@ -319,9 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except RunRefused as busy:
         print(f"kd: {busy}", file=sys.stderr)
+        tag_attached_run(str(busy))
         return EXIT_BUSY
     except SpecError as bad:
         print(f"kd: {bad}", file=sys.stderr)
+        tag_attached_run(str(bad))
         return EXIT_BAD_INPUT
     except TrainingDiverged as diverged:
         print(f"kd: run FAILED: {diverged}", file=sys.stderr)

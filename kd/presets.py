@@ -58,10 +58,15 @@ PRESETS = {p.name: p for p in (
 )}
 
 
-def preset_defaults(name: str, distilling: bool) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise SpecError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)} (see kd presets)")
-    return PRESETS[name].defaults(distilling)
+def preset_defaults(name: str, distilling: bool, epochs: Any = None) -> dict[str, Any]:
+    """The preset's values; given `epochs` of one's own, the preset's milestones past them (which would
+    never be reached) are left out, so `--preset cnn-teacher --epochs 10` is a valid spec."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} (see kd presets)")
+    values = PRESETS[name].defaults(distilling)
+    if "milestones" in values and isinstance(epochs, int):
+        values["milestones"] = tuple(m for m in values["milestones"] if m <= epochs)
+    return values
 
 
 def with_preset(name: str | None, values: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +75,7 @@ def with_preset(name: str | None, values: dict[str, Any]) -> dict[str, Any]:
     given = {k: v for k, v in values.items() if v is not None}
     if name is None:
         return given
-    return {**preset_defaults(name, distilling=given.get("method") != "pure"), **given}
+    return {**preset_defaults(name, given.get("method") != "pure", given.get("epochs")), **given}
 
 
 def describe(preset: Preset) -> str:

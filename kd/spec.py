@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,24 @@ class RunSpec:
     init_weights: str | None = None  # a teacher's starting weights: a timm ViT-Tiny file, or "timm" (hub)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.label_smoothing is None:
             object.__setattr__(self, "label_smoothing", 0.1 if self.method == "pure" else 0.0)
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "milestones", tuple(self.milestones))
         object.__setattr__(self, "options", dict(sorted(_as_declared(self.method, self.options).items())))
         if self.init_weights not in (None, TIMM_HUB):  # absolute: cluster jobs start in another folder
-            object.__setattr__(self, "init_weights", str(Path(self.init_weights).expanduser().absolute()))
+            object.__setattr__(self, "init_weights", _absolute(self.init_weights))
         self._check()
+
+    def _check_types(self) -> None:
+        """Each field has its annotated type (a YAML grid or a config.json can hold anything)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _fits(f.type, value):
+                kind = f.type.split(" |")[0].split("[")[0]
+                example = f.default if f.default not in (None, (), dataclasses.MISSING) else EXAMPLES[kind]
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise SpecError(f"{f.name} {shown} is not {KINDS[kind]}: pass {_flag_of(f.name)} like {example}")
 
     def _check(self) -> None:
         from kd.data import DATASETS
@@ -105,11 +117,23 @@ class RunSpec:
             raise SpecError(f"alpha {self.alpha} is outside [0, 1]: pass --alpha between 0 and 1")
         if not self.temperature > 0:
             raise SpecError(f"temperature {self.temperature} must be positive: pass --temperature > 0")
+        for name, value in [*((f, getattr(self, f)) for f in FLOAT_FIELDS), *self.options.items()]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpecError(f"{name} {value} is not a finite number: pass {_flag_of(name)} a number")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{name} must be at least 1: pass --{name.replace('_', '-')} >= 1")
+        if not 0 <= self.seed < MAX_SEED:
+            raise SpecError(f"seed {self.seed} is outside [0, {MAX_SEED}): pass --seed 0, 1, 2, ...")
+        ms = self.milestones
+        if ms and not (ms[0] >= 1 and ms[-1] <= self.epochs and all(a < b for a, b in zip(ms, ms[1:], strict=False))):
+            raise SpecError(f"milestones {','.join(map(str, ms))} must be strictly increasing epochs "
+                            f"from 1 to epochs ({self.epochs}): pass --milestones like 60,120 within --epochs")
         if self.lr <= 0:
             raise SpecError(f"lr {self.lr} must be positive: pass --lr > 0")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"{name} {getattr(self, name)} is negative: pass {_flag_of(name)} >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise SpecError("label_smoothing must be in [0, 1): pass --label-smoothing 0.1 or so")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -132,7 +156,7 @@ class RunSpec:
 
         given = {k: v for k, v in fields.items() if v is not None}
         method = given.get("method", "pure")
-        if method in METHODS:
+        if isinstance(method, str) and method in METHODS:
             options = METHODS[method].option_defaults()
             options.update(given.get("options", {}))
             given["options"] = options
@@ -187,6 +211,43 @@ class RunSpec:
     def teacher_spec_hint(self) -> str:
         """The command that trains this student's teacher, for 'missing teacher' messages."""
         return f"kd train --dataset {self.dataset} --model {self.teacher} --role teacher --seed {self.seed}"
+
+
+# What a field's annotation asks for, in words, and an example for fields without a default.
+KINDS = {"str": "a text", "int": "a whole number", "float": "a number", "tuple": "a list of whole numbers",
+         "dict": "a mapping of option names to values"}
+EXAMPLES = {"str": "NAME", "float": 0.1, "tuple": "60,120", "dict": "those of kd methods"}
+FLOAT_FIELDS = ("alpha", "temperature", "lr", "momentum", "weight_decay", "label_smoothing", "val_fraction")
+MAX_SEED = 2**31
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(annotation: str, value: Any) -> bool:
+    """Whether `value` has the annotated type; a whole number is a float too (YAML `lr: 1`), a bool is no number."""
+    if value is None:
+        return "None" in annotation
+    kind = annotation.split(" |")[0].split("[")[0]
+    if kind == "tuple":
+        return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    if kind == "dict":
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if kind == "str":
+        return isinstance(value, str)
+    return _is_int(value) or (kind == "float" and isinstance(value, float))
+
+
+def _flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _absolute(path: str) -> str:
+    try:
+        return str(Path(path).expanduser().absolute())
+    except RuntimeError:  # `~someone` who has no home here
+        raise SpecError(f"init_weights {path}: no such home directory here: pass an absolute path") from None
 
 
 def _one_of(what: str, value: str, valid: Any, listing: str | None = None) -> None:

@@ -68,10 +68,11 @@ def register(sub: Any) -> None:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from kd.tracking.store import experiment_id, get_client, ui_hint
+    from kd.tracking.store import check_writable, experiment_id, get_client, ui_hint
     from kd.tuning.storage import JOURNAL_PREFIX, absolute, default_storage, display
     from kd.tuning.study import Worker, open_study, run_study
 
+    check_writable()
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
     config = None if args.join else study_config(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,11 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-def run_kd(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`kd ARGS` as a user runs it (a new process), capturing its output."""
+def run_kd(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+           wrapper: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`kd ARGS` as a user runs it (a new process, started by `wrapper` if given), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "kd.cli", *args],
+        [*wrapper, sys.executable, "-m", "kd.cli", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 

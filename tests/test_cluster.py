@@ -446,9 +446,10 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
 
 
 def test_failed_submission_leaves_no_run(store, tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no qsub anywhere
-    (tmp_path / "qsub").write_text("#!/bin/sh\necho 'qsub: Unauthorized Request'\nexit 1\n")
-    (tmp_path / "qsub").chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", str(tmp_path))  # only these PBS commands, and qsub refuses
+    for command in ("qsub", "qstat", "qdel"):
+        (tmp_path / command).write_text("#!/bin/sh\necho 'qsub: Unauthorized Request'\nexit 1\n")
+        (tmp_path / command).chmod(stat.S_IRWXU)
     code = kd_main(["submit", "--grid", "smoke"])
     assert code == 2
     client = MlflowClient()

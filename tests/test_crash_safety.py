@@ -132,9 +132,30 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(teacher, tmp_path):
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a disk that lost its last write
     resumed = run_kd(*STUDENT)
     assert resumed.returncode == 0, resumed.stderr
-    assert "falling back to the previous checkpoint" in resumed.stderr
+    assert "falling back to checkpoint/previous.pth" in resumed.stderr
     assert "after epoch 1" in resumed.stdout
     assert [s for s, _ in history(run.info.run_id, "test_acc")] == [1, 2, 3, 4]
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(teacher):
+    crashed = run_kd(*STUDENT, env={"KD_CRASH_AT": "step:25"})  # killed in epoch 3: checkpoints of 1 and 2
+    assert crashed.returncode == -signal.SIGKILL
+    (run,) = runs_of("kd")
+    for artifact in ("checkpoint/checkpoint.pth", "checkpoint/previous.pth"):
+        path = artifact_path(run.info.run_id, artifact)
+        path.write_bytes(path.read_bytes()[:1000])
+    resumed = run_kd(*STUDENT)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "Traceback" not in resumed.stderr and "resuming" not in resumed.stdout
+    last = resumed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kd: run {run.info.run_id} has no readable checkpoint (checkpoint/checkpoint.pth")
+    assert "checkpoint/previous.pth" in last and last.endswith("pass --force to train a new attempt from epoch 1")
+    (after,) = runs_of("kd")
+    assert after.info.status != "FINISHED" and "no readable checkpoint" in after.data.tags["kd.error"]
+    assert [s for s, _ in history(run.info.run_id, "test_acc")] == [1, 2]  # nothing trained again
+    again = run_kd(*STUDENT, "--force")
+    assert again.returncode == 0, again.stderr
+    assert {r.data.tags.get("kd.attempt") for r in runs_of("kd")} == {None, "2"}
 
 
 def wait_for_epoch(experiment: str, epoch: int, timeout: float = 120) -> object:

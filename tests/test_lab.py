@@ -123,8 +123,10 @@ def parsed(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_cli_presets_are_defaults_that_flags_override(parsed, tmp_path, capsys) -> None:
-    teacher = parsed("train", "--preset", "cnn-teacher", "--epochs", "3")
-    assert teacher == RunSpec.create(**{**preset_defaults("cnn-teacher", False), "epochs": 3, "method": "pure"})
+    teacher = parsed("train", "--preset", "cnn-teacher", "--epochs", "3")  # milestones past epoch 3: none
+    assert teacher == RunSpec.create(**{**preset_defaults("cnn-teacher", False), "epochs": 3, "method": "pure",
+                                        "milestones": ()})
+    assert parsed("train", "--preset", "cnn-teacher", "--epochs", "200").milestones == (150,)
     baseline = parsed("train", "--preset", "cnn-student")  # kd train: the pure baseline, a student
     assert (baseline.model, baseline.role, baseline.method, baseline.teacher, baseline.alpha) == (
         "ResNet8w", "student", "pure", None, 0.0)

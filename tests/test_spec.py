@@ -37,6 +37,19 @@ def test_key_is_stable_and_changes_with_any_field():
         (dict(method="logit"), "needs a teacher"),
         (dict(method="pure", alpha=0.5), "drop --alpha"),
         (dict(epochs=0), "epochs must be at least 1"),
+        (dict(epochs="2"), "epochs '2' is not a whole number: pass --epochs like 150"),
+        (dict(epochs=True), "epochs True is not a whole number"),
+        (dict(lr=float("nan")), "lr nan is not a finite number: pass --lr a number"),
+        (dict(method="rkd", teacher="ResNet20", options={"rkd_angle_weight": float("inf")}),
+         "rkd_angle_weight inf is not a finite number"),
+        (dict(options={1: 2}), "options {1: 2} is not a mapping of option names to values"),
+        (dict(milestones="60,120"), "milestones '60,120' is not a list of whole numbers: pass --milestones like 60,120"),
+        (dict(epochs=2, schedule="multistep", milestones=(5, 1)), "milestones 5,1 must be strictly increasing"),
+        (dict(epochs=9, milestones=(3, 3)), "milestones 3,3 must be strictly increasing"),
+        (dict(epochs=9, milestones=(0, 3)), "from 1 to epochs (9)"),
+        (dict(seed=-1), "seed -1 is outside [0, 2147483648)"),
+        (dict(momentum=-0.9), "momentum -0.9 is negative: pass --momentum >= 0"),
+        (dict(role="teacher", init_weights="~no-such-user-here/w.pth"), "no such home directory here"),
     ],
 )
 def test_bad_values_give_one_line(values, needle):
@@ -60,6 +73,11 @@ def test_bad_values_give_one_line(values, needle):
 def test_method_options_are_checked_when_the_spec_is_made(method, options, needle):
     with pytest.raises(SpecError, match=re.escape(needle)):
         RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet20", method=method, options=options)
+
+
+def test_milestones_within_the_epochs_are_a_spec():
+    spec = RunSpec.create(dataset="digits", model="ResNet8", epochs=9, schedule="multistep", milestones=[1, 5, 9])
+    assert spec.milestones == (1, 5, 9) and RunSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_whole_numbers_for_float_options_give_the_same_spec():

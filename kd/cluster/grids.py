@@ -9,6 +9,7 @@ with recipes of their own (the lab's CNN and ViT pairs) are `tracks:`, each with
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +55,15 @@ def load_grid(name_or_path: str, overrides: Sequence[str] = ()) -> Grid:
     """Read a grid; `overrides` are KEY=VALUE pairs for a spec field (e.g. epochs) or a job setting."""
     path = grid_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = mapping(yaml.safe_load(path.read_text()), f"grid {path}")
     except yaml.YAMLError as err:
         raise SpecError(f"grid {path} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from None
-    unknown = sorted(set(raw) - GRID_KEYS)
+    unknown = sorted(map(str, set(raw) - GRID_KEYS))
     if unknown:
         raise SpecError(f"grid {path} has unknown key(s) {', '.join(unknown)}: use {', '.join(sorted(GRID_KEYS))}")
-    spec_values = dict(raw.get("spec") or {})
-    job_values = dict(raw.get("job") or {})
+    spec_values = dict(mapping(raw.get("spec"), f"grid {path}: spec"))
+    check_spec_keys(spec_values, path)
+    job_values = dict(mapping(raw.get("job"), f"grid {path}: job"))
     for pair in overrides:
         key, value = split_override(pair)
         if key in spec_fields():
@@ -82,8 +84,9 @@ def expand(raw: dict[str, Any], base: dict[str, Any]) -> tuple[RunSpec, ...]:
     if there are none).
     """
     teachers, students = [], []
-    for track in raw.get("tracks") or [{}]:
-        unknown = sorted(set(track) - TRACK_KEYS)
+    for track in listed(raw.get("tracks"), "tracks") or [{}]:
+        track = mapping(track, "a grid track")
+        unknown = sorted(map(str, set(track) - TRACK_KEYS))
         if unknown:
             raise SpecError(f"grid track has unknown key(s) {', '.join(unknown)}: use {', '.join(sorted(TRACK_KEYS))}")
         track_teachers, track_students = expand_track({**raw, **track}, base)
@@ -96,14 +99,20 @@ def expand(raw: dict[str, Any], base: dict[str, Any]) -> tuple[RunSpec, ...]:
 def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpec], list[RunSpec]]:
     """One pair's runs. `presets: {teacher: NAME, student: NAME}` (kd presets) give defaults under
     `spec:` and `--set`, and the models when `teacher` / `student` are not given."""
-    presets = raw.get("presets") or {}
-    unknown = sorted(set(presets) - set(PRESET_ROLES))
+    presets = mapping(raw.get("presets"), "grid presets")
+    unknown = sorted(map(str, set(presets) - set(PRESET_ROLES)))
     if unknown:
         raise SpecError(f"grid presets for {', '.join(unknown)}: presets are given for teacher and student")
+    fields = {k: v for k, v in base.items() if k in spec_fields()}
+    methods = listed(raw.get("methods"), "methods")
+    for method in methods:
+        if not isinstance(method, str):
+            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: see kd methods")
+    options = track_options(base, methods)
 
     def values(role: str, distilling: bool) -> dict[str, Any]:
-        preset = preset_defaults(presets[role], distilling) if role in presets else {}
-        return {**preset, **base}
+        preset = preset_defaults(presets[role], distilling, fields.get("epochs")) if role in presets else {}
+        return {**preset, **fields}
 
     teacher = raw.get("teacher") or values("teacher", False).get("model")
     student = raw.get("student") or values("student", False).get("model")
@@ -112,20 +121,82 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
         if value is None:
             raise SpecError(f"grid needs '{key}': see docs/cluster.md for the grid format")
     teachers, students = [], []
-    for dataset in raw["datasets"]:
-        for seed in raw["seeds"]:
+    for dataset in listed(raw["datasets"], "datasets"):
+        for seed in listed(raw["seeds"], "seeds"):
             where = {"dataset": dataset, "seed": seed}
             teachers.append(RunSpec.create(**{**values("teacher", False), **where, "model": teacher,
                                               "role": "teacher", "method": "pure"}))
             if raw.get("pure_student", True):
                 students.append(RunSpec.create(**{**values("student", False), **where, "model": student,
                                                   "role": "student", "method": "pure"}))
-            for method in raw.get("methods") or []:
-                for alpha in raw.get("alphas") or [0.5]:
+            for method in methods:
+                for alpha in listed(raw.get("alphas"), "alphas") or [0.5]:
                     students.append(RunSpec.create(**{**values("student", True), **where, "model": student,
-                                                      "teacher": teacher, "method": method, "alpha": float(alpha),
-                                                      "role": "student"}))
+                                                      "teacher": teacher, "method": method, "alpha": as_float(alpha),
+                                                      "role": "student", "options": options.get(method)}))
     return teachers, students
+
+
+def mapping(value: Any, what: str) -> dict[Any, Any]:
+    """A YAML block that must be `key: value` lines (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{what} must be a mapping of key: value lines, not {type(value).__name__}: fix the grid")
+    return value
+
+
+def listed(value: Any, what: str) -> list[Any]:
+    """A YAML list; a single value is a list of one (absent: empty)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        raise SpecError(f"grid {what} must be a list like [a, b], not a mapping: fix the grid")
+    return value if isinstance(value, list) else [value]
+
+
+def as_float(value: Any) -> Any:
+    """A YAML `1` for a float field is 1.0 (the CLI's value, so the same key); other values are left to RunSpec."""
+    return float(value) if type(value) is int else value
+
+
+def method_options() -> dict[str, list[str]]:
+    """Every method option -> the methods that have it."""
+    from kd.methods import METHODS
+
+    owners: dict[str, list[str]] = {}
+    for method in METHODS.values():
+        for name in method.options:
+            owners.setdefault(name, []).append(method.name)
+    return owners
+
+
+def check_spec_keys(values: dict[Any, Any], path: Path) -> None:
+    """A grid's `spec:` keys are RunSpec fields, `options`, or method options (a typo is named, with a guess)."""
+    valid = [*spec_fields(), "options", *method_options()]
+    for key in values:
+        if key not in valid:
+            guess = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {guess[0]}? " if guess else ""
+            raise SpecError(f"grid {path}: spec has unknown key {key!r}: {hint}use a RunSpec field "
+                            f"({', '.join(spec_fields())}) or a method option (kd methods)")
+
+
+def track_options(base: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The method options of `spec:` (under `options:` or by name) for each of the track's methods;
+    an option that none of its methods has is refused, naming the methods."""
+    from kd.methods import METHODS
+
+    given = {**mapping(base.get("options"), "grid spec options"),
+             **{k: v for k, v in base.items() if k in method_options()}}
+    known = [m for m in methods if m in METHODS]
+    for name in given:
+        if not any(name in METHODS[m].options for m in known):
+            owners = method_options().get(name)
+            owned = f"belongs to {', '.join(owners)}" if owners else "belongs to no method"
+            raise SpecError(f"grid spec option {name!r} {owned}, not to the grid's methods "
+                            f"({', '.join(methods) or 'none'}): drop it, or add its method to methods")
+    return {m: {k: v for k, v in given.items() if k in METHODS[m].options} for m in known}
 
 
 def job_settings(overrides: Sequence[str]) -> JobSettings:

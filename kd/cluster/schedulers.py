@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from abc import ABC, abstractmethod
@@ -44,6 +45,14 @@ def first_line(text: str) -> str:
 
 class Scheduler(ABC):
     name: str
+    commands: tuple[str, ...]  # what submitting, asking and cancelling run
+
+    def check_available(self) -> None:
+        """Refuse before anything is created when the scheduler's commands are not on PATH."""
+        missing = [c for c in self.commands if shutil.which(c) is None]
+        if missing:
+            raise SchedulerError(f"--scheduler {self.name} needs {', '.join(missing)}, not found on PATH: run kd "
+                                 f"submit on a login node of a {self.name} cluster, or pass --scheduler local")
 
     @abstractmethod
     def submit(self, script: Path, log: Path) -> str:
@@ -123,6 +132,7 @@ class Pbs(Scheduler):
     """PBS Pro / OpenPBS / Torque, and Slurm's PBS wrappers (slurm-wlm-torque)."""
 
     name = "pbs"
+    commands = ("qsub", "qstat", "qdel")
 
     def submit(self, script: Path, log: Path) -> str:
         # -o on the command line (Slurm's wrapper ignores #PBS -o); names relative to the jobs
@@ -144,6 +154,7 @@ class Pbs(Scheduler):
 
 class Slurm(Scheduler):
     name = "slurm"
+    commands = ("sbatch", "squeue", "scancel")
 
     def submit(self, script: Path, log: Path) -> str:
         done = run(["sbatch", "--parsable", "-o", log.name, script.name], cwd=script.parent)
@@ -168,6 +179,7 @@ class Local(Scheduler):
     """
 
     name = "local"
+    commands = ("bash",)
 
     def submit(self, script: Path, log: Path) -> str:
         with open(log, "ab") as out:

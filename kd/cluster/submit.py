@@ -44,7 +44,7 @@ from kd.tracking.journal import journal_root
 from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
 from kd.tracking.sender import sync_journals
-from kd.tracking.store import JOURNAL_ONLY_URI, get_client, tracking_uri
+from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, tracking_uri
 
 LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported, not waited for
 
@@ -94,6 +94,12 @@ def store_exists() -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def ready_to_submit(sched: Scheduler) -> None:
+    """The scheduler's commands and a writable store, checked before the lock, a run or a script exists."""
+    sched.check_available()
+    check_writable()
+
+
 def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int, pack: int = 1,
                 dry_run: bool = False, retry_failed: bool = False) -> Plan:
     """Print the plan, then (unless dry_run) submit its jobs."""
@@ -101,6 +107,8 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
         raise SpecError("--pack must be >= 1 and --max-queued >= 0")
     sched = get_scheduler(scheduler)
     settings = grid.job.resolved()  # validates paths before anything is touched
+    if not dry_run:
+        ready_to_submit(sched)
     with nullcontext() if dry_run else submit_lock():
         # inside the lock: two processes creating one new sqlite store at once break its migrations
         client = get_client() if (store_exists() or not dry_run) else None
@@ -222,6 +230,8 @@ def submit_tune(study: str, storage: str, workers: int, scheduler: str, settings
     from kd.tune import tune_worker_command
 
     sched, settings = get_scheduler(scheduler), settings.resolved()
+    if not dry_run:
+        ready_to_submit(sched)
     with nullcontext() if dry_run else submit_lock():
         client = get_client()
         parent = study_run(client, study, experiment)

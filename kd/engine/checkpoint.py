@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kd.engine.faults import crash_point
+from kd.spec import SpecError
 from kd.tracking.runs import RunTracker
 
 NEWEST = "checkpoint/checkpoint.pth"
@@ -65,6 +66,7 @@ class CheckpointStore:
     def load(self) -> dict[str, Any] | None:
         """The newest loadable checkpoint of the run, or None if it has none."""
         download_dir = self.dir / "download"
+        unreadable = []
         for artifact in (NEWEST, PREVIOUS):
             path = self.tracker.download(artifact, download_dir)
             if path is None:
@@ -72,10 +74,15 @@ class CheckpointStore:
             try:
                 state = load_weights_only(path)
             except Exception as err:  # truncated or corrupt: fall back to the previous one
-                warnings.warn(f"checkpoint {artifact} of run {self.tracker.run_id} is unreadable ({err}); "
-                              "falling back to the previous checkpoint", stacklevel=2)
+                unreadable.append(f"{artifact} ({type(err).__name__})")
+                if artifact == NEWEST:
+                    warnings.warn(f"checkpoint {artifact} of run {self.tracker.run_id} is unreadable ({err}); "
+                                  f"falling back to {PREVIOUS}", stacklevel=2)
                 continue
             if path != self.dir / "checkpoint.pth":
                 save_atomic(state, self.dir / "checkpoint.pth")  # the base of the next `previous`
             return state
+        if unreadable:  # the run trained epochs that no checkpoint can bring back: no silent restart
+            raise SpecError(f"run {self.tracker.run_id} has no readable checkpoint ({', '.join(unreadable)} "
+                            "unreadable): pass --force to train a new attempt from epoch 1")
         return None

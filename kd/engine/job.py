@@ -39,6 +39,7 @@ from kd.engine.trainer import (
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
+from kd.models.weights import fit_state_dict, load_state_dict_file
 from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
 from kd.tracking import tags as T
 from kd.tracking.journal import JournalError, journal_root, prune
@@ -47,7 +48,7 @@ from kd.tracking.presentation import SUMMARY_STEP, provenance_tags, summary_valu
 from kd.tracking.registry import resolve_teacher
 from kd.tracking.runs import DIRECT, JOURNAL_ONLY, RunTracker, local_run_folder, read_json, runs_by_key
 from kd.tracking.sender import REGISTERED, Sender
-from kd.tracking.store import DEFAULT_EXPERIMENT, get_client
+from kd.tracking.store import DEFAULT_EXPERIMENT, check_writable, get_client
 from kd.tracking.system import SystemSampler
 
 DEFAULT_SYNC_TIMEOUT_S = 180.0  # how long a job's end waits for an away store before exiting unsynced
@@ -101,10 +102,7 @@ def load_teacher(spec: RunSpec, data: DeviceData, device: torch.device, found: t
     """The frozen teacher from `found` = (weights file, where it came from, its run if registered)."""
     path, source, run_id = found
     teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
-    try:
-        teacher.load_state_dict(load_weights_only(path)["weights"])
-    except (KeyError, RuntimeError) as err:
-        raise SpecError(f"teacher weights {path} do not fit {spec.teacher}: {str(err).splitlines()[0]}") from None
+    fit_state_dict(teacher, load_state_dict_file(path, "teacher weights"), f"teacher weights {path}", spec.teacher)
     return teacher.to(device).eval().requires_grad_(False), source, run_id
 
 
@@ -198,12 +196,18 @@ def run_specs(
     if local and any(s.teacher and not s.teacher_weights for s in specs):
         raise SpecError("a student trained without the store (--tracking journal) needs --teacher-weights: "
                         "its registered teacher is in the store")
-    client = None if tracking == JOURNAL_ONLY else get_client()
+    client = None
+    if tracking == DIRECT:
+        check_writable()
+        client = get_client()
     sender = Sender(client) if client is not None else None
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
         tmp = Path(tmp_name)
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
                           first.train_limit)
+        if first.batch_size > len(data.train):  # a typo, not a recipe: refused before any run
+            raise SpecError(f"batch_size {first.batch_size} is larger than the training set of {first.dataset} "
+                            f"({len(data.train)} images): pass --batch-size {len(data.train)} or less")
         teacher, source, teacher_run = (None, None, None)
         taught = [s for s in specs if s.teacher or s.teacher_weights]
         if taught:

@@ -13,17 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from kd.models.registry import register_model
+from kd.models.weights import fit_state_dict, load_state_dict_file
 from kd.spec import TIMM_HUB, SpecError
 
 NO_WEIGHTS = "no pretrained weights: training ViT-Tiny from scratch (pass --teacher-weights FILE)"
 TIMM_VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "head.weight", "head.bias")  # read before the state is fit
 
 
 class TappedViT(VisionTransformer):
@@ -78,8 +79,7 @@ def vit_tiny_224(num_classes: int, in_channels: int = 3, image_size: int = 32) -
 
 def load_pretrained_vit_tiny(model: VisionTransformer, path: str) -> None:
     """Load a local timm ViT-Tiny state_dict (or a kd best.pth of one) into `model`; nothing is downloaded."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    load_vit_tiny_state(model, state.get("weights", state), path)
+    load_vit_tiny_state(model, load_state_dict_file(path, "--teacher-weights"), path)
 
 
 def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source: str) -> None:
@@ -91,8 +91,9 @@ def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source:
     not loaded (the model keeps its fresh head).
     """
     own = model.state_dict()
-    if "patch_embed.proj.weight" not in state:
-        raise SpecError(f"{source} is not a ViT state_dict (no patch_embed.proj.weight): pass a timm ViT-Tiny one")
+    lacking = [key for key in VIT_KEYS if key not in state]
+    if lacking:
+        raise SpecError(f"{source} is not a ViT state_dict (no {lacking[0]}): pass a timm ViT-Tiny one")
     theirs, ours = state["patch_embed.proj.weight"].shape, own["patch_embed.proj.weight"].shape
     if theirs != ours:
         raise SpecError(
@@ -105,11 +106,7 @@ def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source:
     )
     if state["head.weight"].shape != own["head.weight"].shape:
         state["head.weight"], state["head.bias"] = own["head.weight"], own["head.bias"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise SpecError(f"{source} does not fit this ViT (depth or width differ): {detail}") from None
+    fit_state_dict(model, state, source, f"ViT of depth {len(model.blocks)} and width {model.embed_dim}")
 
 
 def timm_vit_tiny_state() -> dict[str, Tensor]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
+import tempfile
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -77,6 +80,29 @@ def check_reachable(uri: str) -> None:
             f"the tracking store {shown} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI; "
             "jobs can train without it (job setting tracking: journal, docs/cluster.md)") from None
     _reachable.add(uri)
+def check_writable() -> None:
+    """Refuse at once a sqlite store this process cannot write (MLflow would fail much later, at length).
+
+    The probe takes sqlite's write lock and changes the schema inside a transaction it rolls back, so
+    the database and its folder (where sqlite writes its journal) are both tried; a store not created
+    yet is tried by a temporary file in its folder. Server stores are not probed.
+    """
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        if path.exists():
+            with closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=60)) as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("CREATE TABLE kd_write_probe (x)")
+                db.rollback()
+        else:
+            tempfile.TemporaryFile(dir=path.parent).close()
+    except (OSError, sqlite3.Error) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SpecError(f"the MLflow store {path} is not writable ({reason}): make it and its folder writable, "
+                        f"or set MLFLOW_TRACKING_URI=sqlite:///PATH to a writable place") from None
 
 
 def get_client() -> MlflowClient:

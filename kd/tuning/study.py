@@ -63,8 +63,8 @@ class StudyConfig:
             raise SpecError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise SpecError(f"unknown pruner '{self.pruner}': choose one of {', '.join(PRUNERS)}")
-        if self.trials < 0:
-            raise SpecError("--trials must be >= 0")
+        if self.trials < 1:
+            raise SpecError(f"--trials {self.trials}: a study needs at least one trial: pass --trials 1 or more")
 
     @property
     def warmup(self) -> int:
