@@ -16,6 +16,7 @@ from nbclient import NotebookClient
 from scipy import ndimage
 
 from kd.analysis import cli
+from kd.analysis.collect import analysis_experiment
 from kd.analysis.features import (
     distribution_stats,
     linear_cka,
@@ -150,8 +151,8 @@ def test_analyze_features_on_real_runs(digits_store: dict[str, object], monkeypa
     for fmt in ("png", "pdf"):
         assert (out / "plots" / f"features_digits_ResNet8.{fmt}").stat().st_size > 1000
     client: MlflowClient = get_client()
-    logged = client.search_runs([client.get_experiment_by_name("kd").experiment_id],
-                                "tags.`kd.analysis` = 'features'")
+    logged = client.search_runs([client.get_experiment_by_name(analysis_experiment("kd")).experiment_id],
+                                "tags.`kd.analysis` = 'features'")  # beside the training runs, not among them
     assert len(logged) == 1
     assert {"features.csv", "features_runs.csv", "cka_grid.csv", "features.md", "plots"} <= {
         f.path for f in client.list_artifacts(logged[0].info.run_id)}
