@@ -7,8 +7,8 @@ images) and one batch size, each pipeline for `--warmup` steps and then `--steps
   transforms on PIL images (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
   Normalize), fp32, cudnn deterministic, the eager step (teacher forward, student forward,
   backward, SGD) with a host read of the loss every step, as a thesis logs it;
-- engine solo: the suite's own Trainer step (GraphedTrainer where CUDA graphs apply, else the
-  eager Trainer) on data resident on the device, in the suite's precision;
+- engine solo: the suite's own Trainer step (`fast.make_trainer`: GraphedTrainer where CUDA graphs
+  apply, else the eager Trainer) on data resident on the device, in the suite's precision;
 - engine packed: N students of the same pair sharing one teacher forward per batch.
 
 On CUDA the engine runs with cudnn deterministic on (the suite's default) and off. Speed is a
@@ -135,7 +135,7 @@ def reference(args: argparse.Namespace, images: ImageData, data: DeviceData, dev
     set_cudnn_deterministic(True)
     precision = Precision(device, None)
     students, teacher = build(args, data, device, 1, precision, graphed=False)
-    trainer = Trainer(students, data, teacher, precision, progress=False)
+    trainer = Trainer(students, data, teacher=teacher, precision=precision, progress=False)
     loader = torch.utils.data.DataLoader(ThesisCifar(images), batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     batches = itertools.chain.from_iterable(enumerate(loader) for _ in itertools.count())
@@ -160,9 +160,9 @@ def engine(args: argparse.Namespace, data: DeviceData, device: torch.device, n: 
     precision = Precision.for_device(device, args.precision)
     modes = fast.step_modes(device, specs_for(args, n))
     students, teacher = build(args, data, device, n, precision, graphed=fast.GRAPH in modes)
-    trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
     forwards = compiled.CompiledForwards(compile)
-    trainer = trainer_class(students, data, teacher, precision, progress=False, forwards=forwards)
+    trainer = fast.make_trainer(students, data, modes, teacher=teacher, precision=precision, progress=False,
+                                forwards=forwards)
     batches = endless(data, args.batch_size)
 
     def step() -> None:

@@ -27,6 +27,7 @@ from kd.engine.trainer import (
     NON_FINITE,
     SKIPPED,
     Precision,
+    Tally,
     Trainer,
     TrainingDiverged,
     build_optimizer,
@@ -175,13 +176,15 @@ def test_capture_fallback_unit(teacher_weights):
     """GraphedTrainer.capture when capturing raises: False, eager from then on, the batch still trained
     exactly once (parameters equal a plain Trainer's after the same batches)."""
     spec, data, amp, teacher, (failing, plain) = unit_parts(teacher_weights, 2)
-    graphed = fast.GraphedTrainer([failing], data, teacher, amp, progress=False, graphs=FailingCapture())
-    eager = Trainer([plain], data, teacher, amp, progress=False)
+    graphed = fast.GraphedTrainer([failing], data, teacher=teacher, precision=amp, progress=False,
+                                  graphs=FailingCapture())
+    eager = Trainer([plain], data, teacher=teacher, precision=amp, progress=False)
     batches = list(data.train_batches(1, spec.batch_size))[: fast.WARMUP_STEPS + 2]
     for b, (x, y) in enumerate(batches):
         graphed.train_batch([failing], x, y, 1, b)
         eager.train_batch([plain], x, y, 1, b)
     graphed.settle()
+    eager.settle()
     assert graphed.failure == "eager: capture failed: RuntimeError: operation not permitted when stream is capturing"
     assert graphed.replay is None and failing.batch == plain.batch == len(batches)
     assert_same_training(failing, plain)
@@ -204,11 +207,13 @@ def test_compiled_forwards_leave_no_trace_and_a_failing_compiler_trains_uncompil
     trains uncompiled, bit-identically, and its tag says why."""
     spec, data, amp, teacher, (fused, plain) = unit_parts(teacher_weights, 2)
     forwards = compiled.CompiledForwards(True, backend=backend)
-    with_compile = Trainer([fused], data, teacher, amp, progress=False, forwards=forwards)
-    without = Trainer([plain], data, teacher, amp, progress=False)
+    with_compile = Trainer([fused], data, teacher=teacher, precision=amp, progress=False, forwards=forwards)
+    without = Trainer([plain], data, teacher=teacher, precision=amp, progress=False)
     for b, (x, y) in enumerate(data.train_batches(1, spec.batch_size)):  # the short last batch is plain
         with_compile.train_batch([fused], x, y, 1, b)
         without.train_batch([plain], x, y, 1, b)
+    with_compile.settle()
+    without.settle()
     assert forwards.state == state and bool(forwards.compiled) == (state == compiled.ON)
     assert_same_training(fused, plain)
 
@@ -279,7 +284,7 @@ def test_the_graphed_guard_names_method_epoch_and_first_bad_step(teacher_weights
 
 
 def test_tally_reports_the_earliest_event_like_the_eager_guard():
-    tally = fast.Tally.create(["loss_total", "loss_ce"], torch.device("cpu"))
+    tally = Tally.create(["loss_total", "loss_ce"], torch.device("cpu"))
     logits, y = torch.eye(4), torch.arange(4)
     good = {"loss_total": torch.tensor(1.0), "loss_ce": torch.tensor(2.0)}
     for step in range(1, MAX_SKIPPED_STEPS + 1):
@@ -301,10 +306,10 @@ def test_step_modes_and_capture_keys():
     assert fast.step_modes(torch.device("cuda"), specs) == [
         fast.GRAPH, "eager: method 'tucker' is not capturable (torch.linalg.eigh checks its result on the host)"]
     dkd = METHODS["dkd"]([], [], dkd_warmup=20)
-    assert [fast.epoch_key(dkd, e) for e in (1, 19, 20, 21, 150)] == [1, 19, 20, 20, 20]
-    assert fast.epoch_key(METHODS["logit"]([], []), 7) is None
-    classified = set(fast.EPOCH_FREE) | {"dkd"} | set(fast.NOT_CAPTURABLE)
-    assert classified == set(METHODS), "a new method: say in kd/engine/fast.py whether it is capturable / epoch-free"
+    assert [dkd.epoch_key(e) for e in (1, 19, 20, 21, 150)] == [1, 19, 20, 20, 20]
+    assert METHODS["logit"]([], []).epoch_key(7) is None
+    # each method says whether it is capturable; whether its epoch_key tells the truth: test_methods.py
+    assert {name for name, cls in METHODS.items() if cls.not_capturable} == {"tucker"}
 
 
 def test_graph_ready_optimiser_is_plain_on_the_cpu():
@@ -359,9 +364,9 @@ def test_cuda_graphed_pack_matches_eager(precision, compile):
         teacher.load_state_dict(teacher_weights)
         graphs = CountedCudaGraphs()
         forwards = compiled.CompiledForwards(compile and graphed)
-        trainer = (fast.GraphedTrainer(students, data, teacher, amp, progress=False, graphs=graphs,
-                                       forwards=forwards) if graphed
-                   else Trainer(students, data, teacher, amp, progress=False))
+        trainer = fast.make_trainer(students, data, [fast.GRAPH if graphed else "eager"], teacher=teacher,
+                                    precision=amp, progress=False, **(dict(graphs=graphs, forwards=forwards)
+                                                                      if graphed else {}))
         for epoch in (1, 2):
             trainer.train_epoch(epoch, students)
             for s in students:

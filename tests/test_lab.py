@@ -99,8 +99,9 @@ def test_preset_alpha_translates_the_plans_loss() -> None:
     model = GivenLogits()
     method = build_method(spec, [torch.Size([10])], [torch.Size([10])])
     student = Student(spec, None, None, model, method, torch.optim.SGD(model.parameters(), lr=0.0), None, None)
-    Trainer([student], None, None, Precision.for_device(CPU)).step(student, student_logits, labels,
-                                                                   [teacher_logits], 1, 0)
+    trainer = Trainer([student], None, teacher=None, precision=Precision.for_device(CPU))
+    trainer.step(student, student_logits, labels, [teacher_logits], 1, 1)
+    trainer.settle()
     assert student.sums["loss_total"] / 8 == pytest.approx(plan.item(), rel=1e-5)
     # taking the plan's alpha as the suite's would weigh the terms the other way round
     unswapped = (1 - plan_alpha) * ce + plan_alpha * t**2 * kl

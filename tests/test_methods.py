@@ -22,7 +22,9 @@ from kd.methods.tucker import tucker_core, tucker_loss
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 
-METHOD_NAMES = ["fitnets", "attention_transfer", "factor_transfer", "rkd", "nst", "tucker", "dkd"]
+# Every registered method of the suite (not those other tests register for themselves) that
+# distills, i.e. all but `pure`: a method added to the registry is tested here without a word.
+METHOD_NAMES = [name for name, cls in METHODS.items() if cls.__module__.startswith("kd.methods.") and name != "pure"]
 CIFAR = [torch.Size(s) for s in [(16, 32, 32), (32, 16, 16), (64, 8, 8), (100,)]]  # ResNet56 / ResNet112
 RESNET18 = [torch.Size(s) for s in [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (100,)]]
 
@@ -435,13 +437,32 @@ def test_every_method_runs_with_resnet56_and_resnet112_shapes(name):
 def test_methods_are_registered_with_unique_simple_options():
     spec_fields = {f.name for f in dataclasses.fields(RunSpec)}
     seen: set[str] = set()
-    for name in METHOD_NAMES:
+    for name in ["pure", *METHOD_NAMES]:
         cls = METHODS[name]
         assert cls.name == name and cls.reference
+        assert cls.not_capturable is None or (isinstance(cls.not_capturable, str) and cls.not_capturable)
         for option, (default, meaning) in cls.options.items():
             assert isinstance(default, int | float | str | bool) and meaning
             assert option not in seen and option not in spec_fields
             seen.add(option)
+        built = cls(CIFAR, CIFAR, temperature=4.0)
+        assert {k: getattr(built, k) for k in cls.options} == cls.option_defaults()  # each default written once
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_epoch_key_says_when_the_forward_changes_with_the_epoch(name):
+    """A CUDA graph captured at one epoch is replayed at every epoch with the same `epoch_key`: the
+    terms must then be the same (a method whose forward reads the epoch must say so)."""
+    method = make(name, CIFAR, CIFAR, **({"dkd_warmup": 3} if name == "dkd" else {}))
+    student, teacher, targets = features(CIFAR, 4), features(CIFAR, 4), torch.tensor([0, 5, 50, 99])
+    epochs = [1, 2, 3, 4, 50, 1000]
+    terms = {e: method(student, teacher, targets, e) for e in epochs}
+    for a in epochs:
+        for b in epochs:
+            if method.epoch_key(a) == method.epoch_key(b):
+                assert all(torch.equal(terms[a][k], terms[b][k]) for k in terms[a]), (a, b)
+    if name == "dkd":
+        assert [method.epoch_key(e) for e in epochs] == [1, 2, 3, 3, 3, 3]
 
 
 @pytest.mark.parametrize(

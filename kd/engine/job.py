@@ -248,9 +248,9 @@ def run_specs(
             with sigterm_flag() as should_stop, SystemSampler(trackers):
                 for student in students:
                     pretrain_once(student, teacher, data, should_stop)
-                trainer_class = fast.GraphedTrainer if fast.GRAPH in modes else Trainer
-                trainer = trainer_class(students, data, teacher, amp, should_stop, progress, on_epoch,
-                                        compiled.CompiledForwards(compile), collapse_after)
+                trainer = fast.make_trainer(students, data, modes, teacher=teacher, precision=amp,
+                                            should_stop=should_stop, progress=progress, on_epoch=on_epoch,
+                                            forwards=compiled.CompiledForwards(compile), collapse_after=collapse_after)
                 trainer.run()
             outcomes = [finish(s, shape) for s in students if trainer.alive(s)]
         except BaseException as err:

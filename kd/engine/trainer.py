@@ -12,7 +12,6 @@ the others train on.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections import defaultdict
@@ -233,13 +232,77 @@ def student_losses(
     return out, loss, {LOSS_TOTAL: loss, LOSS_CE: ce, LOSS_DISTILL: distill, **terms}
 
 
+@dataclass
+class Tally:
+    """A student's sums and guard state for the epoch, kept on the device (no host read per step).
+
+    `sums` carries the host's `Student.sums` (loaded before, stored back after), and each step adds
+    `value * batch size` in float64 in the order the values come, so the sums are those of Python
+    floats added step by step (bit-identical on the CPU, eager or graphed).
+    """
+
+    keys: list[str]  # loss_total, loss_ce, loss_distill, the method's terms
+    sums: Tensor  # float64 (K,): sum over steps of value * batch size
+    correct: Tensor  # float64 ()
+    streak: Tensor  # int64 (): fp16 steps skipped in a row
+    first: Tensor  # int64 (2,): first step with a non-finite value / at which the streak tripped (0: none)
+    first_values: Tensor  # float64 (2, K): the logged values at those steps
+
+    @classmethod
+    def create(cls, keys: list[str], device: torch.device) -> Tally:
+        k = len(keys)
+        f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
+        return cls(keys, torch.zeros(k, **f64), torch.zeros((), **f64), torch.zeros((), **i64),
+                   torch.zeros(2, **i64), torch.zeros(2, k, **f64))
+
+    def load(self, s: Student) -> None:
+        self.sums.copy_(torch.tensor([s.sums.get(k, 0.0) for k in self.keys], dtype=torch.float64))
+        self.correct.fill_(s.sums.get("correct", 0.0))
+        self.streak.fill_(s.skipped_in_a_row)
+        self.first.zero_()
+
+    def store(self, s: Student) -> None:
+        for k, v in zip(self.keys, self.sums.tolist(), strict=True):
+            s.sums[k] = v
+        s.sums["correct"] = self.correct.item()
+        s.skipped_in_a_row = int(self.streak.item())
+
+    def record(self, logged: dict[str, Tensor], logits: Tensor, y: Tensor, step: Tensor | int,
+               skipped: Tensor) -> None:
+        """Device-only bookkeeping of one step (capturable: no host reads)."""
+        values = torch.stack([t.detach().double() for t in logged.values()])
+        self.sums.add_(values * len(y))
+        self.correct.add_((logits.argmax(1) == y).sum())
+        self.streak.copy_(torch.where(skipped, self.streak + 1, 0))
+        happened = torch.stack([~torch.isfinite(values).all(), self.streak >= MAX_SKIPPED_STEPS])
+        new = happened & (self.first == 0)
+        self.first.copy_(torch.where(new, step, self.first))
+        self.first_values.copy_(torch.where(new[:, None], values, self.first_values))
+
+    def check(self, method: str, epoch: int) -> None:
+        """The guard: raise for the earliest event of the epoch, if any (a host read)."""
+        first = self.first.tolist()
+        events = [(step, i) for i, step in enumerate(first) if step]
+        if events:
+            step, i = min(events)
+            values = dict(zip(self.keys, self.first_values[i].tolist(), strict=True))
+            raise diverged((NON_FINITE, SKIPPED)[i], method, epoch, step, values)
+
+
+Forward = Callable[[Tensor], list[Tensor]]
+
+
 class Trainer:
-    """Runs the epochs of a pack of students that share data, seed, teacher and batch size."""
+    """Runs the epochs of a pack of students that share data, seed, teacher and batch size, each
+    step eagerly. Every step, eager or captured in a CUDA graph (kd/engine/fast.py), is `step`;
+    its sums and the guard's state are a device `Tally` per student, read by `check` (the guard:
+    after each eager step here) and stored back into `Student.sums` by `settle`."""
 
     def __init__(
         self,
         students: list[Student],
         data: DeviceData,
+        *,
         teacher: nn.Module | None,
         precision: Precision,
         should_stop: Callable[[], bool] = lambda: False,
@@ -256,6 +319,9 @@ class Trainer:
         self.should_stop = should_stop
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.spec = students[0].spec
+        self.tallies: dict[int, Tally] = {}  # by id(student), made at its first step
+        self.held: dict[int, Student] = {}  # students whose sums live in their tally right now
+        self.epoch = 0  # of the batch being trained (the guard's messages name it)
 
     def run(self) -> None:
         for s in self.students:
@@ -305,19 +371,23 @@ class Trainer:
 
     def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int) -> None:
         """One batch: the teacher once, then each student's step."""
+        self.epoch = epoch
         forwards = self.full_batch_forwards(x, y, self.precision)
         teacher_out = teacher_forward(forwards(self.teacher), x, self.precision)
         for s in stepping:
-            self.guarded_step(s, x, y, teacher_out, epoch, b, forwards(s.model))
+            self.eager_step(s, x, y, teacher_out, epoch, b, forwards(s.model))
 
-    def guarded_step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
-                     forward: Callable[[Tensor], list[Tensor]] | None = None) -> None:
-        """A student's eager step; a diverged student leaves the pack."""
-        try:
-            self.step(s, x, y, teacher_out, epoch, b, forward)
-        except TrainingDiverged as err:
-            self.drop(s, err)
-            return
+    def eager_step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
+                   forward: Forward | None = None) -> None:
+        """A student's step, then the guard's read of it: a diverged student leaves the pack."""
+        self.step(s, x, y, teacher_out, epoch, b + 1, forward)
+        self.check([s])
+        if self.alive(s):
+            self.stepped(s, len(y), b)
+
+    def stepped(self, s: Student, n: int, b: int) -> None:
+        """A student's batch `b` (of `n` images) is done."""
+        s.sums["seen"] += n
         s.batch = b + 1
         crash_point("step")
 
@@ -332,27 +402,54 @@ class Trainer:
                 s.tag({T.COMPILE: self.forwards.state})
         return self.forwards
 
-    def settle(self) -> None:
-        """Bring every student's host-side sums up to date before they are read (the graphed
-        trainer keeps them on the device; the eager step has already added them)."""
-
-    def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
-             forward: Callable[[Tensor], list[Tensor]] | None = None) -> None:
-        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, self.precision, forward)
-        values = {k: t.item() for k, t in logged.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise diverged(NON_FINITE, s.spec.method, epoch, b + 1, values)
+    def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int,
+             step: Tensor | int, forward: Forward | None = None, precision: Precision | None = None) -> None:
+        """The one step body, eager or captured in a CUDA graph: loss, backward, optimiser step (fp16:
+        through the GradScaler) and the tally of what is logged, with no host read. `step` is the
+        1-based step number the guard reports (a device tensor inside a graph)."""
+        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, precision or self.precision, forward)
         s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is None:
             loss.backward()
             s.optimizer.step()
+            skipped = torch.zeros((), dtype=torch.bool, device=x.device)
         else:
-            self.scaled_step(s, loss, epoch, b, values)
-        n = len(y)
-        for k, v in values.items():
-            s.sums[k] += v * n
-        s.sums["correct"] += (out[-1].argmax(1) == y).sum().item()
-        s.sums["seen"] += n
+            scaled = s.scaler.scale(loss)
+            before = s.scaler._get_scale_async().clone()  # the device scale; get_scale() would sync
+            scaled.backward()
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            skipped = s.scaler._get_scale_async() < before  # a skipped step backs the scale off
+        tally = self.tallies.get(id(s))
+        if tally is None:  # its first step (eager, or a graph's warm-up): the term names are known now
+            tally = self.tallies[id(s)] = Tally.create(list(logged), x.device)
+        if id(s) not in self.held:  # never inside a capture: the graphed trainer holds its students first
+            self.hold_sums(s)
+        tally.record(logged, out[-1], y, step, skipped)
+
+    def hold_sums(self, s: Student) -> None:
+        """The student's sums move into its tally (until `settle`)."""
+        if id(s) in self.tallies and id(s) not in self.held:
+            self.tallies[id(s)].load(s)
+            self.held[id(s)] = s
+
+    def check(self, students: list[Student] | None = None) -> None:
+        """The guard (every divergence, eager or graphed): read the tallies of `students` (default:
+        all held); a student with a non-finite loss or MAX_SKIPPED_STEPS skipped steps in a row
+        leaves the pack, its run FAILED naming the method, epoch, first bad step and its values."""
+        for s in list(self.held.values()) if students is None else students:
+            if self.alive(s) and id(s) in self.held:
+                try:
+                    self.tallies[id(s)].check(s.spec.method, self.epoch)
+                except TrainingDiverged as err:
+                    self.drop(s, err)
+
+    def settle(self) -> None:
+        """The guard's read, then the device sums back into the students (before they are read)."""
+        self.check()
+        for s in self.held.values():
+            self.tallies[id(s)].store(s)
+        self.held = {}
 
     def collapsed(self, s: Student, epoch: int) -> TrainingDiverged | None:
         """Not learning: no accuracy of the last `collapse_after` epochs reached COLLAPSE_FACTOR x chance
@@ -368,16 +465,6 @@ class Trainer:
             f"collapsed: method '{s.spec.method}' stayed at {max(recent):.2f} % {split} or less for "
             f"{window} epochs (epoch {epoch}), below {COLLAPSE_FACTOR:g}x chance ({chance:.2f} %); "
             f"stopped (--collapse-after 0 trains on regardless)")
-
-    def scaled_step(self, s: Student, loss: Tensor, epoch: int, b: int, values: dict[str, float]) -> None:
-        """fp16 step; many skipped steps in a row mean the gradients are broken (the old RKD)."""
-        scale = s.scaler.get_scale()
-        s.scaler.scale(loss).backward()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.skipped_in_a_row = s.skipped_in_a_row + 1 if s.scaler.get_scale() < scale else 0
-        if s.skipped_in_a_row >= MAX_SKIPPED_STEPS:
-            raise diverged(SKIPPED, s.spec.method, epoch, b + 1, values)
 
     def finish_epoch(self, s: Student, epoch: int, seconds: float) -> None:
         """Evaluate, update best, commit the checkpoint, then log the epoch's metrics."""

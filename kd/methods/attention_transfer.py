@@ -38,9 +38,9 @@ class AttentionTransfer(Method):
         "at_reduction": ("sum", "combine the stage losses by 'sum' (paper) or 'mean'"),
     }
     rules = {"at_p": positive(), "at_reduction": one_of(*REDUCTIONS)}
-    at_p: float = 2.0
-    at_weight: float = 1000.0
-    at_reduction: str = "sum"
+    at_p: float
+    at_weight: float
+    at_reduction: str
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         losses = [at_loss(s, t, self.at_p) for s, t in stage_pairs(student, teacher)]

@@ -37,7 +37,16 @@ NOT_NEGATIVE = at_least(0)  # every *_weight: a negative weight turns distillati
 
 
 class Method(nn.Module):
-    """Base of every method; `options` maps option name -> (default, one-line meaning)."""
+    """Base of every method. What a method says of itself, as class attributes and hooks:
+
+    - `options`: option name -> (default, one-line meaning), the only place a default is written;
+      each option becomes an attribute of the instance (declare its type, without a value, in the
+      class body: `dkd_warmup: int`);
+    - `not_capturable`: None if its step can be captured in a CUDA graph, else why not (it then
+      trains eagerly beside the graph; kd/engine/fast.py);
+    - `epoch_key(epoch)`: what its forward makes of the epoch (a graph is captured again when it
+      changes); None, the default, for a forward that ignores the epoch.
+    """
 
     name: ClassVar[str]
     # The run name's spelling (kd.spec.RunSpec.name), short enough that method, alpha and seed fit
@@ -49,13 +58,23 @@ class Method(nn.Module):
     # Set by methods with a pre-training stage: the artifact that stores its result in the run,
     # so a resumed run loads it instead of pre-training again.
     pretrain_artifact: ClassVar[str | None] = None
+    # None: the step can be captured in a CUDA graph; else why it cannot (the method trains eagerly).
+    not_capturable: ClassVar[str | None] = None
+    temperature: float  # the spec's shared temperature (build_method passes it), not an option
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes | None, **options: Any) -> None:
         super().__init__()
         self.student_shapes = student_shapes
         self.teacher_shapes = teacher_shapes
-        for key, value in options.items():
+        for key, value in {**self.option_defaults(), **options}.items():
             setattr(self, key, value)
+
+    def epoch_key(self, epoch: int) -> int | None:
+        """What `forward` makes of `epoch`: a CUDA graph captured at one epoch is replayed at any
+        other with the same key, and captured again when it changes. None (the default): the
+        forward ignores the epoch, so one capture serves every epoch. A method whose forward
+        reads `epoch` must override this (returning `epoch` is always correct)."""
+        return None
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

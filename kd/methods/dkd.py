@@ -61,10 +61,12 @@ class DKD(Method):
         "dkd_warmup": (20, "epochs over which both terms ramp up linearly from 1/warmup to 1"),
     }
     rules = {"dkd_alpha": NOT_NEGATIVE, "dkd_beta": NOT_NEGATIVE, "dkd_warmup": at_least(0)}
-    temperature: float = 4.0
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: int = 20
+    dkd_alpha: float
+    dkd_beta: float
+    dkd_warmup: int
+
+    def epoch_key(self, epoch: int) -> int:
+        return min(epoch, self.dkd_warmup)  # the ramp is flat after the warm-up
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         tckd, nckd = dkd_losses(student[-1], teacher[-1], targets, self.temperature)

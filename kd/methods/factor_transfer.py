@@ -73,9 +73,9 @@ class FactorTransfer(Method):
     }
     rules = {"ft_rate": positive(), "ft_pretrain_epochs": at_least(0)}
     pretrain_artifact = "paraphraser.pth"
-    ft_rate: float = 0.5
-    ft_pretrain_epochs: int = 30
-    ft_weight: float = 500.0
+    ft_rate: float
+    ft_pretrain_epochs: int
+    ft_weight: float
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
         super().__init__(student_shapes, teacher_shapes, **options)

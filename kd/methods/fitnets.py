@@ -51,9 +51,9 @@ class FitNets(Method):
         "fitnets_weight": (100.0, "weight of the hint MSE (RepDistiller's beta for FitNets)"),
     }
     rules = {"hint_stage": at_least(1), "guided_stage": at_least(1)}  # and at most the models' stages
-    hint_stage: int = 2
-    guided_stage: int = 1
-    fitnets_weight: float = 100.0
+    hint_stage: int
+    guided_stage: int
+    fitnets_weight: float
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
         super().__init__(student_shapes, teacher_shapes, **options)

@@ -15,7 +15,7 @@ from kd.methods.base import Features, Method, register_method
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton's loss: T^2 * KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -24,7 +24,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 class Logit(Method):
     name = "logit"
     reference = "Hinton, Vinyals, Dean 2015, eq. 2 (soft targets at temperature T, scaled by T^2)"
-    temperature: float = 4.0
 
     def forward(
         self, student: Features, teacher: Features | None, targets: Tensor, epoch: int

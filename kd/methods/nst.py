@@ -37,7 +37,7 @@ class NST(Method):
     name = "nst"
     reference = "Huang & Wang 2017, sec. 3 (MMD^2 of normalised channel maps, polynomial kernel d = 2, c = 0)"
     options = {"nst_weight": (50.0, "weight of the summed per-stage MMD^2 (RepDistiller: 50)")}
-    nst_weight: float = 50.0
+    nst_weight: float
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         return {"loss_nst": self.nst_weight * sum(nst_loss(s, t) for s, t in stage_pairs(student, teacher))}

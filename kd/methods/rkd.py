@@ -77,8 +77,8 @@ class RKD(Method):
         "rkd_distance_weight": (25.0, "weight of the distance-wise term (paper: 25)"),
         "rkd_angle_weight": (50.0, "weight of the angle-wise term (paper: 50)"),
     }
-    rkd_distance_weight: float = 25.0
-    rkd_angle_weight: float = 50.0
+    rkd_distance_weight: float
+    rkd_angle_weight: float
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
         s, t = pooled_embedding(student[-2]), pooled_embedding(teacher[-2].detach())

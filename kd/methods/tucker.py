@@ -104,11 +104,12 @@ class Tucker(Method):
     }
     rules = {"tucker_mode": one_of(*MODES), "tucker_batch_rank": at_least(1), "tucker_channel_rank": at_least(1),
              "tucker_spatial_rank": at_least(1)}
-    tucker_mode: str = "full"
-    tucker_batch_rank: int = 16
-    tucker_channel_rank: int = 8
-    tucker_spatial_rank: int = 4
-    tucker_weight: float = 1.0
+    not_capturable = "torch.linalg.eigh checks its result on the host"
+    tucker_mode: str
+    tucker_batch_rank: int
+    tucker_channel_rank: int
+    tucker_spatial_rank: int
+    tucker_weight: float
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, **options) -> None:
         super().__init__(student_shapes, teacher_shapes, **options)
