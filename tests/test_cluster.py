@@ -120,9 +120,9 @@ def test_charlie_dry_run_plans_240_runs_teachers_first_and_touches_nothing(store
     assert len(lines) == 240 and len({name for _, name in lines}) == 240
     position = {name: i for i, (_, name) in enumerate(lines)}
     for action, name in lines:
-        if "-to-" in name:  # digits-ResNet112-to-ResNet56-logit-a0.25-s0: its teacher comes first
-            dataset, teacher = name.split("-")[:2]
-            assert position[f"{dataset}-{teacher}-teacher-{name.split('-')[-1]}"] < position[name]
+        if "-to-" in name:  # logit-a0.25-s0-cifar10-ResNet112-to-ResNet56: its teacher comes first
+            _, _, seed, dataset, teacher = name.split("-")[:5]
+            assert position[f"teacher-{seed}-{dataset}-{teacher}"] < position[name]
             assert action == WAIT_TEACHER
     assert "plan: submit 10, resume 0, skip-finished 0, skip-running 0, skip-failed 0, wait-for-teacher 216, " \
            "wait-for-slot 14; 10 job(s) to submit" in done.stdout

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -71,18 +72,35 @@ class Server:
         self.proc.wait()
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
+POSTGRES = os.environ.get("KD_TEST_POSTGRES_URI")
+
+
+def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str | None = None):
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)
-    srv = Server(tmp_path)
+    srv = Server(tmp_path, backend)
     srv.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     monkeypatch.setenv("KD_JOURNAL_DIR", str(tmp_path / "journals"))
     yield srv
     if srv.proc.poll() is None:
         srv.stop()
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A real `mlflow server` on a sqlite file of its own."""
+    yield from serve(tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[
+    pytest.mark.postgres,
+    pytest.mark.skipif(not POSTGRES, reason="needs the PostgreSQL started by .ci/run (KD_TEST_POSTGRES_URI)")])])
+def any_server(request, tmp_path, monkeypatch):
+    """The server on sqlite, and (CI) on PostgreSQL, whose database outlives the test: experiments
+    get names of their own there."""
+    yield from serve(tmp_path, monkeypatch, POSTGRES if request.param == "postgresql" else None)
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -115,23 +133,24 @@ def wait_until(condition, timeout: float = 300, what: str = "") -> None:
         time.sleep(0.25)
 
 
-def test_a_store_outage_does_not_stop_training_and_loses_nothing(server, tmp_path):
+def test_a_store_outage_does_not_stop_training_and_loses_nothing(any_server, tmp_path):
     """The server is killed at epoch 2 and started again only after the job has trained 4 more epochs
     (far past MLflow's retry window as kd sets it, 3 requests in about 3 s): the run finishes, and its
     history equals an uninterrupted run's, every step once."""
     epochs = ("--epochs", "14")
-    reference = run_kd(*TEACHER, *epochs, "--experiment", "reference")
+    ours, reference_exp = f"outage-{uuid.uuid4().hex[:8]}", f"reference-{uuid.uuid4().hex[:8]}"
+    reference = run_kd(*TEACHER, *epochs, "--experiment", reference_exp)
     assert reference.returncode == 0, reference.stderr
-    (ref,) = runs("reference")
-    proc = start_kd(*TEACHER, *epochs)
-    wait_until(lambda: runs("kd") and int(runs("kd")[0].data.tags.get("kd.epoch", 0)) >= 2, what="epoch 2")
-    run_id = runs("kd")[0].info.run_id
+    (ref,) = runs(reference_exp)
+    proc = start_kd(*TEACHER, *epochs, "--experiment", ours)
+    wait_until(lambda: runs(ours) and int(runs(ours)[0].data.tags.get("kd.epoch", 0)) >= 2, what="epoch 2")
+    run_id = runs(ours)[0].info.run_id
     folder = tmp_path / "journals" / run_id
-    server.stop()
+    any_server.stop()
     down = time.time() * 1000
     outage_start_epoch = len(journal_epochs(folder))
     wait_until(lambda: len(journal_epochs(folder)) >= outage_start_epoch + 4, what="4 epochs in the outage")
-    server.start()
+    any_server.start()
     up = time.time() * 1000
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
