@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3

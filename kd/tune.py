@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 
 DEFAULT_TRIALS = 40
 DEFAULT_VAL_FRACTION = 0.1

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kd.cluster.templates import URI_SPECIAL, check_chars
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 CRONTAB_ENV = "KD_CRONTAB_FILE"  # a file standing in for the user's crontab (tests, no cron daemon)
 

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from kd.cluster.templates import JobSettings
+from kd.errors import SpecError
 from kd.presets import preset_defaults
-from kd.spec import RunSpec, SpecError
+from kd.spec import RunSpec
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRID_KEYS = {"experiment", "datasets", "seeds", "teacher", "student", "pure_student", "methods", "alphas",

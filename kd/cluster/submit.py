@@ -38,7 +38,8 @@ from kd.cluster.planner import (
 )
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import journal_root
 from kd.tracking.registry import register_if_missing, resolve_teacher

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.spec import DEFAULT_COLLAPSE_AFTER, SpecError, check_precision
+from kd.errors import SpecError
+from kd.spec import DEFAULT_COLLAPSE_AFTER, check_precision
 
 TEMPLATES = "job_templates"  # package data of kd.cluster; kd/cluster/job_templates -> ../../pbs_templates
 

@@ -36,7 +36,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from kd.engine.faults import crash_point
 from kd.engine.trainer import (
     MAX_SKIPPED_STEPS,
     NON_FINITE,
@@ -48,6 +47,7 @@ from kd.engine.trainer import (
     student_losses,
     teacher_forward,
 )
+from kd.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import RunSpec
 from kd.tracking import tags as T

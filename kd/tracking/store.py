@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 from kd.tracking import tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"

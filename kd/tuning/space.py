@@ -13,7 +13,8 @@ from typing import Any
 
 import optuna
 
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from optuna.trial import TrialState
 
 from kd.engine.job import run_specs
 from kd.engine.trainer import Stopped, Student, TrainingDiverged
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking.runs import RunRefused
 from kd.tracking.store import experiment_id, get_client
 from kd.tuning.space import Dim, trial_spec
