@@ -46,6 +46,7 @@ from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
 from kd.tracking.sender import sync_journals
 from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, tracking_uri
+from kd.tuning.workers import tune_worker_command
 
 LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported, not waited for
 
@@ -228,7 +229,6 @@ def submit_tune(study: str, storage: str, workers: int, scheduler: str, settings
     Worker i's job is a tag of the study's MLflow run (`kd.worker{i}.job_id`); a worker whose
     job is dead is submitted again (Optuna retries its lost trial); none once the run is FINISHED.
     """
-    from kd.tune import tune_worker_command
 
     sched, settings = get_scheduler(scheduler), settings.resolved()
     if not dry_run:
