@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kd.cluster.cron import CRONTAB_ENV
+from kd.cluster import CRONTAB_ENV
 from kd.cluster.schedulers import SCHEDULERS
 from kd.errors import SpecError
 

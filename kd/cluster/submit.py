@@ -45,7 +45,7 @@ from kd.tracking.journal import journal_root
 from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
 from kd.tracking.sender import sync_journals
-from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, tracking_uri
+from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, sqlite_path, tracking_uri
 from kd.tuning.workers import tune_worker_command
 
 LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported, not waited for
@@ -53,10 +53,10 @@ LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported,
 
 def lock_path() -> Path:
     """Beside the sqlite store; for a server store, per user under ~/.kd (one login node)."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///") + ".submit.lock")
-    return Path.home() / ".kd" / f"submit-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    db = sqlite_path()
+    if db:
+        return db.with_name(db.name + ".submit.lock")
+    return Path.home() / ".kd" / f"submit-{hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]}.lock"
 
 
 @contextmanager
@@ -92,8 +92,8 @@ def repair_registrations(client: MlflowClient, specs: Sequence[RunSpec], seen: O
 
 def store_exists() -> bool:
     """False for a sqlite store not created yet: a dry run must not create it."""
-    uri = tracking_uri()
-    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+    db = sqlite_path()
+    return db is None or db.exists()
 
 
 def ready_to_submit(sched: Scheduler) -> None:
