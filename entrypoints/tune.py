@@ -2,6 +2,6 @@
 
 import sys
 
-from kd.tune import main
+from kd.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["tune", *sys.argv[1:]]))

@@ -243,25 +243,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="images/s of a thesis-style loop vs this engine, solo and packed")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--teacher", default="ResNet112", help="teacher model (default ResNet112)")
-    p.add_argument("--student", default="ResNet56", help="student model (default ResNet56)")
-    p.add_argument("--method", default="logit", help="distillation method (default logit)")
-    p.add_argument("--students", type=int, default=6, help="students in the packed pipeline (default 6)")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per pipeline (default 200)")
-    p.add_argument("--warmup", type=int, default=20,
-                   help=f"untimed steps first (default 20; the graph needs {fast.WARMUP_STEPS + 1} to be captured)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=128, help="default 128 (the recipe's)")
-    p.add_argument("--images", type=int, default=50_000, help="synthetic training images (default 50000, CIFAR's)")
-    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default 8 on a GPU, 2 on the CPU)")
-    p.add_argument("--precision", default="auto", help="the engine's: auto (bf16 / fp16 on GPUs, fp32 on the CPU) | "
-                                                      "fp32 | bf16 | fp16; the reference is fp32")
-    p.add_argument("--compile", action="store_true",
-                   help="also run the engine with torch.compile's fused kernels (as kd job --compile)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.set_defaults(func=cmd_bench)
-

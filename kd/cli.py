@@ -1,157 +1,47 @@
 """The `kd` command. Every RunSpec field is a flag named after the field, with the recipe's default.
 
 Bad input (a `SpecError`) prints one line and exits 2, before any run is created.
+
+The top of the layers (docs/architecture.md): the parser is built from light modules only
+(`kd.flags` and each command group's `cli`), so `kd --help` loads neither torch nor mlflow; a
+command's handler imports what it runs when it runs. That deferral is the command line's alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError
-
-EXIT_BAD_INPUT = 2
-EXIT_BUSY = 3
-EXIT_KILLED = 143
-EXIT_STORE = 4  # the tracking store failed during the command (infrastructure, not input)
-
-# Spec fields that are set by the command itself rather than by a flag.
-NOT_FLAGS = {"options"}
-
-
-def _flag(name: str) -> list[str]:
-    """`--batch-size` and `--batch_size` (the second is what `mlflow run -P` appends)."""
-    dashed = "--" + name.replace("_", "-")
-    return [dashed] if "_" not in name else [dashed, "--" + name]
-
-
-def milestones(text: str) -> tuple[int, ...]:
-    """`--milestones 60,120`: comma-separated epochs."""
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def text_or_none(text: str) -> str | None:
-    """A name or path; empty or `none` means the default."""
-    return None if text in ("", "None", "none") else text
-
-
-def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
-    """How to read a flag's text, from the field's default value (argparse names the function in errors)."""
-    if name == "milestones":
-        return milestones
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float) or name == "label_smoothing":
-        return float
-    return text_or_none
-
-
-class Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line with a `--help` hint (exit 2), not the usage block;
-    its subcommands' parsers are of this class too."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
-
+from kd.analysis.cli import register as register_analysis
+from kd.cluster.cli import register as register_cluster
+from kd.errors import SpecError
+from kd.flags import (
+    EXIT_BAD_INPUT,
+    EXIT_BUSY,
+    EXIT_KILLED,
+    EXIT_STORE,
+    Parser,
+    add_preset_flag,
+    add_run_flags,
+    add_spec_flags,
+    spec_from_args,
+)
+from kd.spec import RunSpec
+from kd.tuning.cli import register as register_tune
 
 # What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
-TEACHER_MODEL, STUDENT_MODEL = "ResNet112", "ResNet56"
 TRAIN_DEFAULTS = {"role": "teacher"}
-DISTILL_DEFAULTS = {"teacher": TEACHER_MODEL, "method": "logit"}
-# Defaults that depend on other values, as --help states them.
-DEPENDENT_DEFAULTS = {"alpha": "0.5 with a teacher, 0 for pure runs",
-                      "label_smoothing": "0.1 for pure runs, 0 with a teacher",
-                      "model": f"{TEACHER_MODEL} for a teacher, {STUDENT_MODEL} for a pure student"}
-
-
-def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
-                   defaults: dict[str, Any] | None = None) -> None:
-    """One flag per RunSpec field, plus one per method option (names as in `kd methods`);
-    `defaults`: the command's own, shown in --help instead of RunSpec's."""
-    from kd.methods import METHODS
-
-    group = parser.add_argument_group("run spec (defaults: the Charlie recipe)")
-    for f in dataclasses.fields(RunSpec):
-        if f.name in NOT_FLAGS | skip:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        shown = (defaults or {}).get(f.name, DEPENDENT_DEFAULTS.get(f.name, default))
-        group.add_argument(*_flag(f.name), dest=f.name, type=_parser_for(f.name, default), default=None,
-                           help=f"default: {shown if shown not in (None, ()) else 'none'}")
-    options = parser.add_argument_group("method options (see `kd methods`)")
-    seen: set[str] = set()
-    for method in METHODS.values():
-        for name, (default, meaning) in method.options.items():
-            if name not in seen:
-                seen.add(name)
-                options.add_argument(*_flag(name), dest=f"opt.{name}", type=_parser_for(name, default), default=None,
-                                     help=f"{method.name}: {meaning} (default {default})")
-
-
-def add_preset_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=None,
-                        help="a recipe of the lab plan (see kd presets); explicit flags override its values")
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
-                        help="MLflow experiment (default kd)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--precision", default="auto",
-                        help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
-    parser.add_argument("--collapse-after", "--collapse_after", type=int, default=DEFAULT_COLLAPSE_AFTER,
-                        help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
-                             f"{COLLAPSE_FACTOR:g}x chance (default {DEFAULT_COLLAPSE_AFTER}; 0: never)")
-    parser.add_argument("--cudnn-deterministic", "--cudnn_deterministic", action=argparse.BooleanOptionalAction,
-                        default=True, help="deterministic cuDNN kernels (default on; off: ~10 %% faster, "
-                                           "not bit-reproducible)")
-    parser.add_argument("--compile", action="store_true",
-                        help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
-    parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
-    parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
-    add_tracking_flags(parser)
-
-
-def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking", choices=("direct", "journal"), default="direct",
-                        help="direct: ship the run's journal to the store while training (default); journal: "
-                             "never open the store (kd job: the submitter ingests it; kd train: kd sync does)")
-    parser.add_argument("--journal-dir", "--journal_dir", default=None,
-                        help="where runs keep their journals (default $KD_JOURNAL_DIR, else kd-journal/ beside "
-                             "a sqlite store or in the working directory)")
-    parser.add_argument("--sync-timeout", "--sync_timeout", type=float, default=None,
-                        help="seconds the end of a job waits for an away store before it exits with its runs "
-                             "unsynced, for kd sync (default 180)")
-
-
-def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any) -> RunSpec:
-    """Layers, lowest first: RunSpec defaults, the command's `defaults`, `--preset`, flags, `fixed` (if not None)."""
-    from kd.methods import METHODS
-    from kd.presets import with_preset
-
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
-    values.update({k: v for k, v in fixed.items() if v is not None})
-    values = {**(defaults or {}), **with_preset(getattr(args, "preset", None), values)}
-    given = {k.removeprefix("opt."): v for k, v in vars(args).items() if k.startswith("opt.") and v is not None}
-    method = values.get("method") or "pure"
-    if method in METHODS:
-        foreign = sorted(set(given) - set(METHODS[method].options))
-        if foreign:
-            raise SpecError(f"option {', '.join(foreign)} does not belong to method '{method}': "
-                            f"drop it (see kd methods)")
-    values["options"] = given
-    return RunSpec.create(**values)
+DISTILL_DEFAULTS = {"teacher": RunSpec.TEACHER_MODEL, "method": RunSpec.DISTILL_METHOD}
 
 
 def train_spec(args: argparse.Namespace) -> RunSpec:
     """The spec of `kd train ARGS`."""
     role = args.role or TRAIN_DEFAULTS["role"]
-    model = TEACHER_MODEL if role == "teacher" else STUDENT_MODEL
+    model = RunSpec.TEACHER_MODEL if role == "teacher" else RunSpec.model
     return spec_from_args(args, {**TRAIN_DEFAULTS, "model": model}, method="pure")
 
 
@@ -290,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student from a registered teacher")
     add_spec_flags(p, skip={"model", "role", "init_weights"}, defaults=DISTILL_DEFAULTS)
-    p.add_argument("--student", default=None, help="student model (default ResNet56)")
+    p.add_argument("--student", default=None, help=f"student model (default {RunSpec.model})")
     add_preset_flag(p)
     add_run_flags(p)
     p.set_defaults(func=cmd_distill)
@@ -310,11 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
     p.set_defaults(func=cmd_demo)
 
-    from kd.analysis.cli import register as register_analysis
-    from kd.bench import register as register_bench
-    from kd.cluster.cli import register as register_cluster
-    from kd.tune import register as register_tune
-
     for register in (register_analysis, register_tune, register_cluster, register_bench):
         register(sub)
 
@@ -322,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(kind, help=f"list the registered {kind} (and their options)")
         p.set_defaults(func=lambda args, kind=kind: cmd_list(kind))
     return parser
+
+
+def register_bench(sub: Any) -> None:
+    """`kd bench` (kd/bench.py runs it; its defaults are the recipe's, from RunSpec)."""
+    p = sub.add_parser("bench", help="images/s of a thesis-style loop vs this engine, solo and packed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--teacher", default=RunSpec.TEACHER_MODEL, help="teacher model (default %(default)s)")
+    p.add_argument("--student", default=RunSpec.model, help="student model (default %(default)s)")
+    p.add_argument("--method", default=RunSpec.DISTILL_METHOD, help="distillation method (default %(default)s)")
+    p.add_argument("--students", type=int, default=6, help="students in the packed pipeline (default 6)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per pipeline (default 200)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed steps first (default 20; the CUDA graph is captured after "
+                        "kd.engine.fast.WARMUP_STEPS + 1)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=RunSpec.batch_size,
+                   help="default %(default)s (the recipe's)")
+    p.add_argument("--images", type=int, default=50_000, help="synthetic training images (default 50000, CIFAR's)")
+    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default 8 on a GPU, 2 on the CPU)")
+    p.add_argument("--precision", default="auto", help="the engine's: auto (bf16 / fp16 on GPUs, fp32 on the CPU) | "
+                                                      "fp32 | bf16 | fp16; the reference is fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the engine with torch.compile's fused kernels (as kd job --compile)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kd.bench import cmd_bench as run
+
+    return run(args)
 
 
 def quiet_store_logs() -> None:
@@ -348,10 +263,10 @@ def tag_attached_run(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and bad flags end here, before torch and mlflow load
     from kd.engine.trainer import Stopped, TrainingDiverged
     from kd.tracking.runs import RunRefused
 
-    args = build_parser().parse_args(argv)
     quiet_store_logs()
     try:
         return args.func(args)

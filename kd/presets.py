@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kd.spec import TIMM_HUB, SpecError
+from kd.errors import TIMM_HUB, SpecError
 
 PLAN_ALPHA = 0.5  # the plan's weight of the hard-label CE
 PLAN_TEMPERATURE = 4.0

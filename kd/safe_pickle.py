@@ -14,7 +14,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1 and numpy 2 spellings
 ALLOWED = frozenset(

@@ -13,18 +13,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from kd.errors import TIMM_HUB, SpecError
 
 ROLES = ("teacher", "student")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
-TIMM_HUB = "timm"  # init_weights value: timm's ViT-Tiny from the hub (or its local cache)
 # Fields added after runs existed: left out of the key while unset, so those runs keep their keys.
 KEY_OPTIONAL = ("init_weights",)
-
-
-class SpecError(ValueError):
-    """Bad user input: the message is one line naming the problem and the fix."""
+# What the students of one pack share (`kd job` trains them with one data stream and teacher).
+PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
 
 # A run whose accuracy stays below this many times chance (100 / classes) has collapsed: the beta
@@ -43,7 +42,14 @@ def check_precision(precision: str) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Every field that defines a run; defaults are the user's recipe (Experiment Charlie)."""
+    """Every field that defines a run; defaults are the user's recipe (Experiment Charlie).
+
+    The recipe's defaults live here and nowhere else: the commands, MLproject, the tuner, the
+    benchmark and the grids leave a value unset (None) and `create` fills it in."""
+
+    TEACHER_MODEL: ClassVar[str] = "ResNet112"  # the recipe's teacher (`model` is its student)
+    DISTILL_METHOD: ClassVar[str] = "logit"  # kd distill's method when none is given
+    DISTILL_ALPHA: ClassVar[float] = 0.5  # alpha of a distillation run when none is given (pure runs: 0)
 
     dataset: str = "cifar100"
     model: str = "ResNet56"
@@ -89,10 +95,7 @@ class RunSpec:
                 raise SpecError(f"{f.name} {shown} is not {KINDS[kind]}: pass {_flag_of(f.name)} like {example}")
 
     def _check(self) -> None:
-        from kd.data import DATASETS
-        from kd.methods import METHODS
-        from kd.models import MODELS
-
+        DATASETS, MODELS, METHODS = registries()
         _one_of("dataset", self.dataset, DATASETS, "kd datasets")
         _one_of("model", self.model, MODELS, "kd models")
         _one_of("method", self.method, METHODS, "kd methods")
@@ -152,8 +155,7 @@ class RunSpec:
     @classmethod
     def create(cls, **fields: Any) -> RunSpec:
         """Build a spec from user values: None means 'the default', method options are filled in."""
-        from kd.methods import METHODS
-
+        METHODS = registries()[2]
         given = {k: v for k, v in fields.items() if v is not None}
         method = given.get("method", "pure")
         if isinstance(method, str) and method in METHODS:
@@ -161,7 +163,7 @@ class RunSpec:
             options.update(given.get("options", {}))
             given["options"] = options
         if method != "pure" and "alpha" not in given:
-            given["alpha"] = 0.5
+            given["alpha"] = cls.DISTILL_ALPHA
         if method != "pure":
             given.setdefault("role", "student")
         return cls(**given)
@@ -198,8 +200,7 @@ class RunSpec:
         """The MLflow run name: what tells runs apart first (method, alpha, seed; `teacher` for a
         teacher), then dataset and models. MLflow's runs table and chart legends cut names at
         about 24 characters, and every run of a study shares its dataset and models."""
-        from kd.methods import METHODS
-
+        METHODS = registries()[2]
         if self.role == "teacher":
             return f"teacher-s{self.seed}-{self.dataset}-{self.model}"
         label = METHODS[self.method].label or self.method
@@ -258,7 +259,20 @@ def _one_of(what: str, value: str, valid: Any, listing: str | None = None) -> No
 
 def _as_declared(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Whole numbers given for float options (a YAML `25`) become floats, so the key is the same."""
-    from kd.methods import METHODS
-
+    METHODS = registries()[2]
     declared = METHODS[method].option_defaults() if method in METHODS else {}
     return {k: float(v) if type(declared.get(k)) is float and type(v) is int else v for k, v in options.items()}
+
+
+def registries() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """DATASETS, MODELS, METHODS: what a spec's names and options are checked against.
+
+    The one import of kd's own modules inside a function, and the one arrow from the spec up to
+    the registries (docs/architecture.md, "Layers"): they import torch, and `kd --help` reads
+    RunSpec's fields without loading torch. The registries themselves never import the spec.
+    """
+    from kd.data import DATASETS  # lazy: torch; `kd --help` builds its flags from RunSpec without it
+    from kd.methods import METHODS  # lazy: torch
+    from kd.models import MODELS  # lazy: torch, timm
+
+    return DATASETS, MODELS, METHODS

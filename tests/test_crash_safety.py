@@ -15,11 +15,11 @@ import torch
 from mlflow import MlflowClient
 from torch import Tensor
 
-from kd.engine.checkpoint import load_weights_only
 from kd.engine.job import run_specs
 from kd.engine.trainer import TrainingDiverged
 from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
+from kd.models.weights import load_weights_only
 from kd.spec import RunSpec
 from kd.tracking.runs import AlreadyFinished
 from tests.conftest import mlflow_run, run_kd

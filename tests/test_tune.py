@@ -15,14 +15,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from kd.cli import main as kd_main
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
-from kd.tune import main as tune_main
-from kd.tune import tune_worker_command
 from kd.tuning.space import Dim, build_space, default_dim, trial_spec
 from kd.tuning.storage import open_storage
+from kd.tuning.workers import tune_worker_command
 
 EXPERIMENT = "tune"
 TINY = ["--dataset", "digits", "--method", "rkd", "--teacher", "ResNet8", "--student", "ResNet8",
@@ -51,10 +51,10 @@ def teacher_weights(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def worker(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    """`python -m kd.tune ARGS` in the background, its output in worker-N.log."""
+    """`python -m kd.cli tune ARGS` in the background, its output in worker-N.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "kd.tune", *args], cwd=tmp_path, env=env,
+        return subprocess.Popen([sys.executable, "-m", "kd.cli", "tune", *args], cwd=tmp_path, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -130,11 +130,12 @@ def test_search_spaces() -> None:
 
 
 def test_study_prunes_and_every_trial_is_a_child_run(store: Path, capsys: pytest.CaptureFixture) -> None:
-    from kd.cli import build_parser, spec_from_args
+    from kd.cli import build_parser
+    from kd.flags import spec_from_args
 
     study_name = "prune"
     run_specs([TEACHER], experiment=EXPERIMENT, device="cpu", progress=False)  # registered: digits-ResNet8@seed0
-    code = tune_main([*TINY, "--study", study_name, "--trials", "6", "--epochs", "3",
+    code = kd_main(["tune", *TINY, "--study", study_name, "--trials", "6", "--epochs", "3",
                       "--params", "rkd_distance_weight,rkd_angle_weight,alpha,lr",
                       "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "0"])
     out = capsys.readouterr().out
@@ -211,7 +212,7 @@ def test_killed_worker_trial_is_failed_and_retried(store: Path, teacher_weights:
     time.sleep(3)  # the grace period: the next worker's first request for a trial finds it stale
 
     second = worker(tune_worker_command(study_name, storage, 0, device="cpu", heartbeat_interval=1,
-                                        grace_period=3)[3:], store)
+                                        grace_period=3)[4:], store)
     assert second.wait(240) == 0, logs(store)
     study = load(study_name, storage)
     lost = study.trials[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd.analysis import LEGACY_EXPERIMENT
-from kd.spec import SpecError
+from kd.errors import SpecError
 from kd.tracking import tags as T
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kd.data import DATASETS
-from kd.spec import SpecError
+from kd.errors import SpecError
 from kd.tracking import tags as T
 from kd.tracking.registry import teacher_run_id
 from kd.tracking.store import experiment_id, tracking_uri

@@ -34,9 +34,9 @@ from kd.analysis.collect import find_teacher_run
 from kd.analysis.tables import markdown
 from kd.data import DATASETS, load_dataset
 from kd.data.augment import normalize
-from kd.engine.checkpoint import load_weights_only
+from kd.errors import SpecError
 from kd.models import create_model
-from kd.spec import SpecError
+from kd.models.weights import load_weights_only
 from kd.tracking import tags as T
 
 METRICS = ("wavelet_hf_energy", "spectral_entropy", "lowpass_residual_energy", "skewness", "kurtosis", "iqr",

@@ -27,10 +27,11 @@ from mlflow.entities import Metric, Param, RunTag
 from kd.analysis import LEGACY_EXPERIMENT
 from kd.analysis.collect import search_all
 from kd.data import DATASETS
-from kd.engine.checkpoint import load_weights_only
 from kd.engine.trainer import LOSS_TOTAL
+from kd.errors import SpecError
 from kd.models import MODELS, create_model
-from kd.spec import RunSpec, SpecError
+from kd.models.weights import load_weights_only
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.presentation import SUMMARY_STEP, summary_values
 from kd.tracking.runs import spec_tags

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from kd.analysis import plots
 from kd.analysis.collect import collect_runs, family, histories, select_grid
 from kd.analysis.tables import COLLAPSE_FACTOR, best_kd, panel, summarize, write_methodology, write_tables
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 FAMILIES = ("cnn", "vit")
 REPORT_KEYS = ("teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd")

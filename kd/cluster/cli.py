@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kd.cluster.cron import CRONTAB_ENV
+from kd.cluster import CRONTAB_ENV
 from kd.cluster.schedulers import SCHEDULERS
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 
 def register(sub: Any) -> None:

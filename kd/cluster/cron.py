@@ -14,10 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kd.cluster import CRONTAB_ENV
 from kd.cluster.templates import URI_SPECIAL, check_chars
-from kd.spec import SpecError
-
-CRONTAB_ENV = "KD_CRONTAB_FILE"  # a file standing in for the user's crontab (tests, no cron daemon)
+from kd.errors import SpecError
 
 
 def marker(grid: str) -> str:

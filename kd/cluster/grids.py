@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from kd.cluster.templates import JobSettings
+from kd.errors import SpecError
+from kd.methods import METHODS
 from kd.presets import preset_defaults
-from kd.spec import RunSpec, SpecError
+from kd.spec import RunSpec
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRID_KEYS = {"experiment", "datasets", "seeds", "teacher", "student", "pure_student", "methods", "alphas",
@@ -130,9 +132,10 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
                 students.append(RunSpec.create(**{**values("student", False), **where, "model": student,
                                                   "role": "student", "method": "pure"}))
             for method in methods:
-                for alpha in listed(raw.get("alphas"), "alphas") or [0.5]:
+                for alpha in listed(raw.get("alphas"), "alphas") or [None]:  # None: the preset's, else RunSpec's
+                    given = {} if alpha is None else {"alpha": as_float(alpha)}
                     students.append(RunSpec.create(**{**values("student", True), **where, "model": student,
-                                                      "teacher": teacher, "method": method, "alpha": as_float(alpha),
+                                                      "teacher": teacher, "method": method, **given,
                                                       "role": "student", "options": options.get(method)}))
     return teachers, students
 
@@ -162,8 +165,6 @@ def as_float(value: Any) -> Any:
 
 def method_options() -> dict[str, list[str]]:
     """Every method option -> the methods that have it."""
-    from kd.methods import METHODS
-
     owners: dict[str, list[str]] = {}
     for method in METHODS.values():
         for name in method.options:
@@ -185,8 +186,6 @@ def check_spec_keys(values: dict[Any, Any], path: Path) -> None:
 def track_options(base: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
     """The method options of `spec:` (under `options:` or by name) for each of the track's methods;
     an option that none of its methods has is refused, naming the methods."""
-    from kd.methods import METHODS
-
     given = {**mapping(base.get("options"), "grid spec options"),
              **{k: v for k, v in base.items() if k in method_options()}}
     known = [m for m in methods if m in METHODS]

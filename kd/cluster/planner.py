@@ -17,8 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kd.cluster.schedulers import get_scheduler
-from kd.engine.job import PACK_FIELDS
-from kd.spec import RunSpec
+from kd.spec import PACK_FIELDS, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.queries import latest_runs, spec_state
 from kd.tracking.registry import teacher_run_id, teacher_uri

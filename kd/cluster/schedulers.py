@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 PBS_DEAD = {"C", "F", "X"}  # completed (Torque / Slurm's wrapper), finished (PBS Pro -x), expired subjob
 SLURM_DEAD = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -38,23 +38,25 @@ from kd.cluster.planner import (
 )
 from kd.cluster.schedulers import Scheduler, get_scheduler
 from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import journal_root
 from kd.tracking.registry import register_if_missing, resolve_teacher
 from kd.tracking.runs import create_spec_run
 from kd.tracking.sender import sync_journals
-from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, tracking_uri
+from kd.tracking.store import JOURNAL_ONLY_URI, check_writable, get_client, sqlite_path, tracking_uri
+from kd.tuning.workers import tune_worker_command
 
 LOCK_TIMEOUT_S = 600  # a submitter stuck longer than a cron period is reported, not waited for
 
 
 def lock_path() -> Path:
     """Beside the sqlite store; for a server store, per user under ~/.kd (one login node)."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///") + ".submit.lock")
-    return Path.home() / ".kd" / f"submit-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    db = sqlite_path()
+    if db:
+        return db.with_name(db.name + ".submit.lock")
+    return Path.home() / ".kd" / f"submit-{hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]}.lock"
 
 
 @contextmanager
@@ -90,8 +92,8 @@ def repair_registrations(client: MlflowClient, specs: Sequence[RunSpec], seen: O
 
 def store_exists() -> bool:
     """False for a sqlite store not created yet: a dry run must not create it."""
-    uri = tracking_uri()
-    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+    db = sqlite_path()
+    return db is None or db.exists()
 
 
 def ready_to_submit(sched: Scheduler) -> None:
@@ -227,7 +229,6 @@ def submit_tune(study: str, storage: str, workers: int, scheduler: str, settings
     Worker i's job is a tag of the study's MLflow run (`kd.worker{i}.job_id`); a worker whose
     job is dead is submitted again (Optuna retries its lost trial); none once the run is FINISHED.
     """
-    from kd.tune import tune_worker_command
 
     sched, settings = get_scheduler(scheduler), settings.resolved()
     if not dry_run:

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.spec import DEFAULT_COLLAPSE_AFTER, SpecError, check_precision
+from kd.errors import SpecError
+from kd.spec import DEFAULT_COLLAPSE_AFTER, check_precision
+from kd.tracking.store import sqlite_path
 
 TEMPLATES = "job_templates"  # package data of kd.cluster; kd/cluster/job_templates -> ../../pbs_templates
 
@@ -143,10 +145,8 @@ def home_expanded(path: str) -> str:
 
 
 def default_jobs_dir() -> str:
-    from kd.tracking.store import tracking_uri
-
-    uri = tracking_uri()
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
+    db = sqlite_path()
+    folder = db.parent if db else Path.cwd()
     return str(folder / "kd-jobs")
 
 

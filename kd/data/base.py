@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 
 class DataError(SpecError):

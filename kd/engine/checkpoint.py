@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from kd.engine.faults import crash_point
-from kd.spec import SpecError
+from kd.errors import SpecError
+from kd.faults import crash_point
+from kd.models.weights import load_weights_only
 from kd.tracking.runs import RunTracker
 
 NEWEST = "checkpoint/checkpoint.pth"
@@ -39,10 +40,6 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def load_weights_only(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class CheckpointStore:

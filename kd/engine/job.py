@@ -24,7 +24,7 @@ from kd.data import load_dataset
 from kd.data.inputs import dataset_inputs
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
-from kd.engine.checkpoint import CheckpointStore, load_weights_only, save_atomic
+from kd.engine.checkpoint import CheckpointStore, save_atomic
 from kd.engine.trainer import (
     EpochCallback,
     Precision,
@@ -36,11 +36,12 @@ from kd.engine.trainer import (
     build_scheduler,
     set_cudnn_deterministic,
 )
+from kd.errors import SpecError
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
-from kd.models.weights import fit_state_dict, load_state_dict_file
-from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec, SpecError, check_precision
+from kd.models.weights import fit_state_dict, load_state_dict_file, load_weights_only
+from kd.spec import DEFAULT_COLLAPSE_AFTER, PACK_FIELDS, RunSpec, check_precision
 from kd.tracking import tags as T
 from kd.tracking.journal import JournalError, journal_root, prune
 from kd.tracking.logged_models import model_shape
@@ -52,8 +53,6 @@ from kd.tracking.store import DEFAULT_EXPERIMENT, check_writable, get_client
 from kd.tracking.system import SystemSampler
 
 DEFAULT_SYNC_TIMEOUT_S = 180.0  # how long a job's end waits for an away store before exiting unsynced
-
-PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kd.data.loader import DeviceData, Split
 from kd.engine.checkpoint import CheckpointStore
 from kd.engine.compiled import CompiledForwards
-from kd.engine.faults import crash_point
+from kd.faults import crash_point
 from kd.methods.base import Method
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
 from kd.tracking import tags as T

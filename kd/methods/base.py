@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 Features = list[Tensor]  # a model's outputs: stage features, then logits last
 Shapes = list[torch.Size]  # the same without the batch dimension

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd.errors import SpecError
 from kd.methods.base import Features, Shapes
-from kd.spec import SpecError
 
 T = TypeVar("T")
 

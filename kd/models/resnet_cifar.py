@@ -39,10 +39,10 @@ class CifarResNet(nn.Module):
     """3x3 stem, three stages (stride 1, 2, 2), global average pool, linear classifier."""
 
     def __init__(
-        self, blocks_per_stage: int, num_classes: int, in_channels: int = 3, widths=WIDTHS, stem_stride: int = 1
+        self, blocks_per_stage: int, num_classes: int, in_channels: int = 3, widths=WIDTHS
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         stages, in_planes = [], widths[0]
         for i, planes in enumerate(widths):

@@ -18,9 +18,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from kd.errors import TIMM_HUB, SpecError
 from kd.models.registry import register_model
 from kd.models.weights import fit_state_dict, load_state_dict_file
-from kd.spec import TIMM_HUB, SpecError
 
 NO_WEIGHTS = "no pretrained weights: training ViT-Tiny from scratch (pass --teacher-weights FILE)"
 TIMM_VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"

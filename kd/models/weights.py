@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 SAVE_HINT = "pass a file saved with torch.save(model.state_dict(), path), or a kd best.pth"
+
+
+def load_weights_only(path: Path) -> dict[str, Any]:
+    """A file kd wrote itself (best.pth, a checkpoint), read with `weights_only=True`."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, Tensor]:

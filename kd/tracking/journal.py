@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 
 JOURNAL = "journal.jsonl"
 SHIPPED = "shipped"

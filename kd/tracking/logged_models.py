@@ -22,8 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from torch import Tensor, nn
 
-from kd.engine.checkpoint import load_weights_only
 from kd.models import create_model
+from kd.models.weights import load_weights_only
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.presentation import SUMMARY_STEP

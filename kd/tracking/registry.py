@@ -18,7 +18,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from kd.data import DATASETS
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.ledger import Ledger, owner_id
 from kd.tracking.logged_models import log_trained_model, model_shape, run_model_id

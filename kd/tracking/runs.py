@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import LOCAL_PREFIX, Journal, WriterLock, journal_folders, local_state
 from kd.tracking.ledger import Ledger, owner_id

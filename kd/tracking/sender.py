@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from kd.engine.faults import crash_point
+from kd.faults import crash_point
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import (

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 
-from kd.spec import SpecError
+from kd.errors import SpecError
 from kd.tracking import tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -32,7 +32,7 @@ def tracking_uri() -> str:
         raise SpecError("this job is journal-only (job setting tracking: journal): it never opens the tracking "
                         "store; kd submit ingests its journal")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        uri = "sqlite:///" + str(sqlite_path(uri).resolve())
     if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
         raise SpecError(
             f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 no longer supports: "
@@ -90,7 +90,7 @@ def check_writable() -> None:
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return
-    path = Path(uri.removeprefix("sqlite:///"))
+    path = sqlite_path(uri)
     try:
         if path.exists():
             with closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=60)) as db:
@@ -122,7 +122,7 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
     location = None
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        location = (sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location,
                                         tags={tags.EXPERIMENT_KIND: TRAINING_KIND})

@@ -13,7 +13,9 @@ from typing import Any
 
 import optuna
 
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.methods import METHODS
+from kd.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,6 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
 
 
 def option_defaults(method: str) -> dict[str, Any]:
-    from kd.methods import METHODS
-
     if method not in METHODS:
         raise SpecError(f"unknown method '{method}': choose one of {', '.join(sorted(METHODS))} (see kd methods)")
     return METHODS[method].option_defaults()

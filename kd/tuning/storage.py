@@ -26,7 +26,7 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from kd.tracking.store import tracking_uri
+from kd.tracking.store import sqlite_path
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_ATTR = "kd:heartbeat"
@@ -38,8 +38,8 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 def default_storage() -> str:
     """`optuna.db` beside the MLflow sqlite store, so one folder holds both."""
-    uri = tracking_uri()
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
+    db = sqlite_path()
+    folder = db.parent if db else Path.cwd()
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
@@ -48,7 +48,7 @@ def absolute(url: str) -> str:
     if url.startswith(JOURNAL_PREFIX):
         return JOURNAL_PREFIX + str(Path(url.removeprefix(JOURNAL_PREFIX)).resolve())
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+        return "sqlite:///" + str(sqlite_path(url).resolve())
     return url
 
 

@@ -31,14 +31,15 @@ from optuna.trial import TrialState
 
 from kd.engine.job import run_specs
 from kd.engine.trainer import Stopped, Student, TrainingDiverged
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.spec import RunSpec
+from kd.tracking.registry import MissingTeacher, teacher_run_id, teacher_uri
 from kd.tracking.runs import RunRefused
 from kd.tracking.store import experiment_id, get_client
+from kd.tuning import PRUNERS, SAMPLERS
 from kd.tuning.space import Dim, trial_spec
 from kd.tuning.storage import display, open_storage
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
 STUDY_ATTR = "kd"  # study user attribute: the config and the parent run, written once by the creator
 JOIN_WAIT_S = 60  # how long a joining worker waits for the creator to write STUDY_ATTR
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -407,3 +408,18 @@ def command_for(spec: RunSpec) -> str:
             f"{value:.6g}" if isinstance(value, float) else str(value)
         words += ["--" + name.replace("_", "-"), text]
     return shlex.join(words)
+
+
+def check_teacher(spec: RunSpec) -> None:
+    """Refuse before anything is created when the teacher is not registered yet."""
+    if spec.teacher is None or spec.teacher_weights:
+        return
+    if teacher_run_id(get_client(), spec.dataset, spec.teacher, spec.seed) is None:
+        uri = teacher_uri(spec.dataset, spec.teacher, spec.seed)
+        raise MissingTeacher(f"no registered teacher {uri}: train it first with `{spec.teacher_spec_hint()}`")
+
+
+def default_study_name(base: RunSpec) -> str:
+    """Names the command: running it again continues the same study."""
+    models = f"{base.teacher}-to-{base.model}" if base.teacher else base.model
+    return f"{base.dataset}-{models}-{base.method}-e{base.epochs}-s{base.seed}"

@@ -1,19 +1,21 @@
 """`kd tune`: an Optuna study over a method's options, every trial an MLflow child run.
 
-`kd.cli` adds the subcommand with `register(sub)`. `python -m kd.tune ARGS` is the same command
-without the console script: what cluster workers run (`tune_worker_command`). The machinery is
-in `kd/tuning/`; docs/tuning.md explains the choices.
+`kd.cli` adds the subcommand with `register(sub)`; `python -m kd.cli tune ARGS` is the same command
+without the console script, what cluster workers run (`kd.tuning.workers.tune_worker_command`).
+A command-line module: `register` is light, `tune` imports the tuning machinery when it runs
+(kd/tuning/study.py, space.py, storage.py); docs/tuning.md explains the choices.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from kd.spec import RunSpec, SpecError
+from kd.errors import SpecError
+from kd.flags import add_spec_flags, flag, spec_from_args
+from kd.spec import RunSpec
+from kd.tuning import PRUNERS, SAMPLERS
 
 DEFAULT_TRIALS = 40
 DEFAULT_VAL_FRACTION = 0.1
@@ -21,56 +23,54 @@ DEFAULT_VAL_FRACTION = 0.1
 
 def register(sub: Any) -> None:
     """Add `tune` to an argparse subparsers object."""
-    from kd.cli import _flag, add_spec_flags  # here, not at the top: kd.cli imports this module
-    from kd.tuning.study import PRUNERS, SAMPLERS
-
     p = sub.add_parser("tune", help="Optuna search over a method's options on a validation split",
                        description="Tune a method's options with Optuna. The objective is the accuracy on a "
                                    "validation split held out of the training set; every trial is an MLflow "
                                    "child run of the study's run. See docs/tuning.md.")
     add_spec_flags(p, skip={"model", "role"})
-    p.add_argument("--student", default="ResNet56", help="student model (default ResNet56)")
+    p.add_argument("--student", default=None, help=f"student model (default {RunSpec.model})")
     g = p.add_argument_group("study")
-    g.add_argument(*_flag("trials"), type=int, default=None,
+    g.add_argument(*flag("trials"), type=int, default=None,
                    help=f"COMPLETE + PRUNED trials the study aims for, over all workers (default {DEFAULT_TRIALS})")
-    g.add_argument(*_flag("params"), default=None,
+    g.add_argument(*flag("params"), default=None,
                    help="comma-separated names to tune (spec fields or method options; default: the method's space)")
-    g.add_argument(*_flag("range"), dest="ranges", default=None,
+    g.add_argument(*flag("range"), dest="ranges", default=None,
                    help="NAME=LOW:HIGH[:log|:linear],... overrides a range (and tunes NAME)")
-    g.add_argument(*_flag("sampler"), choices=SAMPLERS, default="tpe", help="default tpe (seeded by --seed)")
-    g.add_argument(*_flag("pruner"), choices=PRUNERS, default="median", help="default median")
-    g.add_argument(*_flag("pruner_startup_trials"), type=int, default=5,
+    g.add_argument(*flag("sampler"), choices=SAMPLERS, default="tpe", help="default tpe (seeded by --seed)")
+    g.add_argument(*flag("pruner"), choices=PRUNERS, default="median", help="default median")
+    g.add_argument(*flag("pruner_startup_trials"), type=int, default=5,
                    help="finished trials before the median pruner prunes (default 5)")
-    g.add_argument(*_flag("pruner_warmup_epochs"), type=int, default=None,
+    g.add_argument(*flag("pruner_warmup_epochs"), type=int, default=None,
                    help="epochs before a trial can be pruned (default: a fifth of --epochs)")
-    g.add_argument(*_flag("study"), default=None, help="study name (default: dataset-teacher-to-student-method-eE-sS)")
-    g.add_argument(*_flag("storage"), default=None,
+    g.add_argument(*flag("study"), default=None, help="study name (default: dataset-teacher-to-student-method-eE-sS)")
+    g.add_argument(*flag("storage"), default=None,
                    help="Optuna storage URL (sqlite:///..., postgresql://...) or journal:PATH "
                         "(default: optuna.db beside the MLflow sqlite store)")
     g.add_argument("--join", action="store_true",
                    help="join the existing --study: spec, search space and trials come from the storage")
-    g.add_argument(*_flag("create_only"), action="store_true",
+    g.add_argument(*flag("create_only"), action="store_true",
                    help="create the study and its MLflow run, run no trial (workers join later)")
     w = p.add_argument_group("worker")
-    w.add_argument(*_flag("worker"), type=int, default=None,
+    w.add_argument(*flag("worker"), type=int, default=None,
                    help="this worker's number: workers started together get distinct sampler seeds")
-    w.add_argument(*_flag("heartbeat_interval"), type=int, default=60,
+    w.add_argument(*flag("heartbeat_interval"), type=int, default=60,
                    help="seconds between a running trial's heartbeats (default 60)")
-    w.add_argument(*_flag("grace_period"), type=int, default=300,
+    w.add_argument(*flag("grace_period"), type=int, default=300,
                    help="seconds without a heartbeat before a trial counts as lost and is retried (default 300)")
-    w.add_argument(*_flag("max_retry"), type=int, default=2, help="retries of a lost trial (default 2)")
+    w.add_argument(*flag("max_retry"), type=int, default=2, help="retries of a lost trial (default 2)")
     w.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
                    help="MLflow experiment of a new study (default kd)")
     w.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     w.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as for kd distill)")
-    w.add_argument(*_flag("data_root"), default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
+    w.add_argument(*flag("data_root"), default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     p.set_defaults(func=tune)
 
 
 def tune(args: argparse.Namespace) -> int:
     from kd.tracking.store import check_writable, experiment_id, get_client, ui_hint
     from kd.tuning.storage import JOURNAL_PREFIX, absolute, default_storage, display
-    from kd.tuning.study import Worker, open_study, run_study
+    from kd.tuning.study import Worker, check_teacher, default_study_name, open_study, run_study
+    from kd.tuning.workers import tune_worker_command
 
     check_writable()
     if args.data_root:
@@ -99,14 +99,13 @@ def tune(args: argparse.Namespace) -> int:
 
 def study_config(args: argparse.Namespace) -> Any:
     """The study's base spec and search space from the flags; a tuned value may not also be fixed."""
-    from kd.cli import spec_from_args
     from kd.tuning.space import build_space
     from kd.tuning.study import StudyConfig
 
     if args.val_fraction is None:
         args.val_fraction = DEFAULT_VAL_FRACTION
     if args.method not in (None, "pure") and args.teacher is None and args.teacher_weights is None:
-        args.teacher = "ResNet112"
+        args.teacher = RunSpec.TEACHER_MODEL
     base = spec_from_args(args, model=args.student, role="student")
     space = build_space(base.method, args.params, args.ranges)
     fixed = [d.name for d in space
@@ -116,24 +115,6 @@ def study_config(args: argparse.Namespace) -> Any:
     return StudyConfig(base, tuple(space), trials=DEFAULT_TRIALS if args.trials is None else args.trials,
                        sampler=args.sampler, pruner=args.pruner, pruner_startup_trials=args.pruner_startup_trials,
                        pruner_warmup_epochs=args.pruner_warmup_epochs)
-
-
-def check_teacher(spec: RunSpec) -> None:
-    """Refuse before anything is created when the teacher is not registered yet."""
-    from kd.tracking.registry import MissingTeacher, teacher_run_id, teacher_uri
-    from kd.tracking.store import get_client
-
-    if spec.teacher is None or spec.teacher_weights:
-        return
-    if teacher_run_id(get_client(), spec.dataset, spec.teacher, spec.seed) is None:
-        uri = teacher_uri(spec.dataset, spec.teacher, spec.seed)
-        raise MissingTeacher(f"no registered teacher {uri}: train it first with `{spec.teacher_spec_hint()}`")
-
-
-def default_study_name(base: RunSpec) -> str:
-    """Names the command: running it again continues the same study."""
-    models = f"{base.teacher}-to-{base.model}" if base.teacher else base.model
-    return f"{base.dataset}-{models}-{base.method}-e{base.epochs}-s{base.seed}"
 
 
 def print_summary(s: Any) -> None:
@@ -150,33 +131,3 @@ def print_summary(s: Any) -> None:
         print(f"TEST accuracy of the best trial, reported once and never used to choose: "
               f"{s.best_test_acc:.2f} % (run {s.best_run_id})")
     print(f"train it on the whole training set:\n    {s.command}")
-
-
-def tune_worker_command(study: str, storage: str, worker: int, *, device: str = "auto", precision: str = "auto",
-                        python: str = sys.executable, heartbeat_interval: int | None = None,
-                        grace_period: int | None = None) -> list[str]:
-    """The argv of one worker job on an existing study (`kd submit --tune STUDY --workers K`).
-
-    The job needs the same MLFLOW_TRACKING_URI as the study's creator; the storage must be
-    reachable from the node (PostgreSQL, or journal:PATH on a shared filesystem).
-    """
-    from kd.tuning.storage import absolute
-
-    argv = [python, "-m", "kd.tune", "--join", "--study", study, "--storage", absolute(storage),
-            "--worker", str(worker), "--device", device, "--precision", precision]
-    if heartbeat_interval is not None:
-        argv += ["--heartbeat-interval", str(heartbeat_interval)]
-    if grace_period is not None:
-        argv += ["--grace-period", str(grace_period)]
-    return argv
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kd.tune ARGS` = `kd tune ARGS` (exit 0; 2 bad input; 3 refused; 143 SIGTERM: trial queued again)."""
-    from kd.cli import main as kd_main
-
-    return kd_main(["tune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

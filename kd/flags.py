@@ -1,0 +1,167 @@
+"""What every `kd` command's parser shares: RunSpec fields and method options as flags, run flags,
+and `spec_from_args`, the spec a command's flags name.
+
+The command line's own layer (docs/architecture.md, "Layers"): light, so that `kd --help` and
+`kd <command> --help` load neither torch nor mlflow. The method options come from the method files
+read as text (`method_options`), not from importing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kd.errors import SpecError
+from kd.presets import with_preset
+from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
+
+EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3
+EXIT_KILLED = 143
+EXIT_STORE = 4  # the tracking store failed during the command (infrastructure, not input)
+
+# Spec fields that are set by the command itself rather than by a flag.
+NOT_FLAGS = {"options"}
+
+
+def flag(name: str) -> list[str]:
+    """`--batch-size` and `--batch_size` (the second is what `mlflow run -P` appends)."""
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] if "_" not in name else [dashed, "--" + name]
+
+
+def milestones(text: str) -> tuple[int, ...]:
+    """`--milestones 60,120`: comma-separated epochs."""
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def text_or_none(text: str) -> str | None:
+    """A name or path; empty or `none` means the default."""
+    return None if text in ("", "None", "none") else text
+
+
+def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
+    """How to read a flag's text, from the field's default value (argparse names the function in errors)."""
+    if name == "milestones":
+        return milestones
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float) or name == "label_smoothing":
+        return float
+    return text_or_none
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line with a `--help` hint (exit 2), not the usage block;
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# Defaults that depend on other values, as --help states them (the values are RunSpec's).
+DEPENDENT_DEFAULTS = {"alpha": f"{RunSpec.DISTILL_ALPHA:g} with a teacher, 0 for pure runs",
+                      "label_smoothing": "0.1 for pure runs, 0 with a teacher",
+                      "model": f"{RunSpec.TEACHER_MODEL} for a teacher, {RunSpec.model} for a pure student"}
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                   defaults: dict[str, Any] | None = None) -> None:
+    """One flag per RunSpec field, plus one per method option (names as in `kd methods`);
+    `defaults`: the command's own, shown in --help instead of RunSpec's."""
+    group = parser.add_argument_group("run spec (defaults: the Charlie recipe)")
+    for f in dataclasses.fields(RunSpec):
+        if f.name in NOT_FLAGS | skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = (defaults or {}).get(f.name, DEPENDENT_DEFAULTS.get(f.name, default))
+        group.add_argument(*flag(f.name), dest=f.name, type=_parser_for(f.name, default), default=None,
+                           help=f"default: {shown if shown not in (None, ()) else 'none'}")
+    options = parser.add_argument_group("method options (see `kd methods`)")
+    seen: set[str] = set()
+    for method, declared in method_options().items():
+        for name, (default, meaning) in declared.items():
+            if name not in seen:
+                seen.add(name)
+                options.add_argument(*flag(name), dest=f"opt.{name}", type=_parser_for(name, default), default=None,
+                                     help=f"{method}: {meaning} (default {default})")
+
+
+def add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None,
+                        help="a recipe of the lab plan (see kd presets); explicit flags override its values")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
+                        help="MLflow experiment (default kd)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--collapse-after", "--collapse_after", type=int, default=DEFAULT_COLLAPSE_AFTER,
+                        help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
+                             f"{COLLAPSE_FACTOR:g}x chance (default {DEFAULT_COLLAPSE_AFTER}; 0: never)")
+    parser.add_argument("--cudnn-deterministic", "--cudnn_deterministic", action=argparse.BooleanOptionalAction,
+                        default=True, help="deterministic cuDNN kernels (default on; off: ~10 %% faster, "
+                                           "not bit-reproducible)")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
+    parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
+    parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
+    add_tracking_flags(parser)
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking", choices=("direct", "journal"), default="direct",
+                        help="direct: ship the run's journal to the store while training (default); journal: "
+                             "never open the store (kd job: the submitter ingests it; kd train: kd sync does)")
+    parser.add_argument("--journal-dir", "--journal_dir", default=None,
+                        help="where runs keep their journals (default $KD_JOURNAL_DIR, else kd-journal/ beside "
+                             "a sqlite store or in the working directory)")
+    parser.add_argument("--sync-timeout", "--sync_timeout", type=float, default=None,
+                        help="seconds the end of a job waits for an away store before it exits with its runs "
+                             "unsynced, for kd sync (default 180)")
+
+
+def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any) -> RunSpec:
+    """Layers, lowest first: RunSpec defaults, the command's `defaults`, `--preset`, flags, `fixed` (if not None)."""
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    values = {**(defaults or {}), **with_preset(getattr(args, "preset", None), values)}
+    given = {k.removeprefix("opt."): v for k, v in vars(args).items() if k.startswith("opt.") and v is not None}
+    method = values.get("method") or "pure"
+    declared = method_options()
+    if method in declared:
+        foreign = sorted(set(given) - set(declared[method]))
+        if foreign:
+            raise SpecError(f"option {', '.join(foreign)} does not belong to method '{method}': "
+                            f"drop it (see kd methods)")
+    values["options"] = given
+    return RunSpec.create(**values)
+
+
+METHODS_DIR = Path(__file__).parent / "methods"
+
+
+@functools.cache
+def method_options() -> dict[str, dict[str, tuple[Any, str]]]:
+    """Each registered method's `options` (name -> (default, meaning)) by method name, in kd.methods'
+    order, read from the literals of its file: importing the methods would load torch. The facts stay
+    in the method's file; tests/test_layers.py checks that this equals `kd.methods.METHODS`."""
+    found: dict[str, dict[str, tuple[Any, str]]] = {}
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.ClassDef)
+                    and any(isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list)):
+                continue
+            values = {target.id: stmt.value for stmt in node.body if isinstance(stmt, (ast.Assign, ast.AnnAssign))
+                      for target in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])
+                      if isinstance(target, ast.Name) and stmt.value is not None}
+            found[ast.literal_eval(values["name"])] = ast.literal_eval(values["options"]) if "options" in values else {}
+    return found
