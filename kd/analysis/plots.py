@@ -62,7 +62,9 @@ def band(ax: Axes, curves: pd.DataFrame, run_ids: pd.Series, label: str, **style
     if points.empty:
         return
     stats = points.groupby("step").value.agg(["mean", "std"])
-    line = ax.plot(stats.index, stats["mean"], label=f"{label} (n={points.run_id.nunique()})", **style)[0]
+    few = len(stats) < 30  # short runs: a marker per epoch, or a 1-epoch run draws nothing
+    line = ax.plot(stats.index, stats["mean"], label=f"{label} (n={points.run_id.nunique()})",
+                   marker="." if few else None, **style)[0]
     ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                     color=line.get_color(), alpha=0.2, linewidth=0)
 
