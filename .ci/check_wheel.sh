@@ -33,7 +33,7 @@ from kd.cluster.templates import JobSettings, render
 site, repo = sysconfig.get_paths()["purelib"], os.environ["KD_REPO"]
 assert list(kd.__path__) == [os.path.join(site, "kd")], f"kd comes from {kd.__path__}, not the wheel in {site}"
 assert templates.__file__.startswith(site + os.sep), templates.__file__
-assert not any(p and os.path.abspath(p).startswith(repo) for p in sys.path), sys.path
+assert repo not in {os.path.abspath(p) for p in sys.path if p}, sys.path  # the checkout's sources are not importable
 print(f"kd from the wheel: {templates.__file__}")
 s = JobSettings(venv="/opt/kd-venv", workdir="/scratch/kd", data_root="/data", jobs_dir="/scratch/jobs",
                 queue="gpu", partition="gpu").resolved()
