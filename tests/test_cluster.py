@@ -392,7 +392,7 @@ def test_a_teacher_finished_but_never_registered_is_registered_by_submit_and_by_
         assert teacher_run_id(client, "digits", "ResNet8", 0) is None
         if route == "submit":
             code, out = kd("submit", "--grid", grid, "--scheduler", "local", "--max-queued", "0")
-            assert "wait-for-slot     digits-ResNet8-to-ResNet8-logit-a0.5-s0" in out  # no longer waits for it
+            assert "wait-for-slot     logit-a0.5-s0-digits-ResNet8-to-ResNet8" in out  # no longer waits for it
         else:
             code, out = kd("train", "--dataset", "digits", "--model", "ResNet8", "--epochs", "1", "--batch-size",
                            "64", "--train-limit", "256", "--experiment", "rep", "--device", "cpu")
@@ -420,7 +420,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
                                              "spec: {epochs: 12, batch_size: 16, train_limit: 512}\n"
                                              "job: {ncpus: 1, gpus: 0, device: cpu, precision: fp32}\n")
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")
-    assert code == 0 and "submit            digits-ResNet8-teacher-s0" in out
+    assert code == 0 and "submit            teacher-s0-digits-ResNet8" in out
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("one").experiment_id])[0]
     run_id, job_id = run.info.run_id, run.data.tags["ops.job_id"]
@@ -429,7 +429,7 @@ def test_local_scheduler_sigterm_then_resume(store, tmp_path):
     wait_for(lambda: client.get_run(run_id).info.status == "KILLED", 60, "the run to be KILLED")
     wait_for(lambda: not Local().live([job_id]), 60, "the job to exit")
     code, out = kd("submit", "--grid", grid, "--scheduler", "local")
-    assert code == 0 and "resume            digits-ResNet8-teacher-s0  (killed, epoch " in out
+    assert code == 0 and "resume            teacher-s0-digits-ResNet8  (killed, epoch " in out
     wait_for(lambda: client.get_run(run_id).info.status == "FINISHED", 180, "the resumed run to finish")
     final = client.get_run(run_id)
     assert final.data.tags["ops.job_id"] != job_id and final.data.tags["kd.precision"] == "fp32"

@@ -131,7 +131,7 @@ def test_qdel_scancel_and_walltime_kills_resume_the_same_runs(store, tmp_path):
 
     longer = ["--grid", grid, "--scheduler", "slurm", "--set", "walltime=00:10:00"]
     code, out = kd("submit", *longer)
-    assert out.count("\n  resume ") == 2 and f"skip-running      digits-ResNet8-teacher-s2  (pbs job {jobs[2]})" in out
+    assert out.count("\n  resume ") == 2 and f"skip-running      teacher-s2-digits-ResNet8  (pbs job {jobs[2]})" in out
     wait_for(lambda: job_state(jobs[2]) == "TIMEOUT", 150, "the walltime kill of seed 2")
     assert 0 < epoch(2) < 160
 

@@ -77,7 +77,7 @@ def submit_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from kd.cluster.grids import job_settings, load_grid
-    from kd.cluster.submit import submit_grid, submit_tune
+    from kd.cluster.submit import store_exists, submit_grid, submit_tune
     from kd.tracking.store import get_client, ui_hint
 
     if bool(args.grid) == bool(args.tune):
@@ -92,7 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     experiment = args.experiment or grid.experiment
     submit_grid(grid, args.scheduler, experiment=experiment, max_queued=args.max_queued,
                 pack=args.pack, dry_run=args.dry_run, retry_failed=args.retry_failed)
-    found = get_client().get_experiment_by_name(experiment)  # a dry run creates none
+    found = get_client().get_experiment_by_name(experiment) if store_exists() else None  # a dry run creates none
     if found is not None:
         print(ui_hint(found.experiment_id))
     return 0

@@ -30,8 +30,11 @@ WAIT_S = 30.0
 
 
 def owner_id() -> str:
-    """This process, as claims and leases name it: host:pid:nonce."""
+    """A new claimant in this process, as claims and leases name it: host:pid:nonce."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+PROCESS = owner_id()  # this process as one claimant (a retry of its own claim is no one else's)
 
 
 def ledger_run(client: MlflowClient) -> str:

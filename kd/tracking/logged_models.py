@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from torch import Tensor, nn
 
 from kd.models import create_model
@@ -64,14 +63,13 @@ def log_trained_model(client: MlflowClient, run_id: str, spec: dict[str, Any], w
         tags={T.ROLE: run_spec.role, T.DATASET: run_spec.dataset}, model_type="pytorch",
     )
     example = np.zeros((2, shape["in_channels"], shape["image_size"], shape["image_size"]), dtype=np.float32)
-    try:  # log_model's helpers read the fluent store: this client's, for this call only (a global that
-        # outlived the call would send a later client of this process to another store)
-        with _use_tracking_uri(client.tracking_uri):
-            mlflow.pytorch.log_model(
-                model, name=run_spec.model, model_id=logged.model_id, run_id=run_id, step=SUMMARY_STEP,
-                input_example=example, serialization_format="pt2",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # no requirement inference
-            )
+    try:  # log_model's helpers (and the registry's) read the fluent store: MLFLOW_TRACKING_URI, which
+        # get_client set to this client's store; setting MLflow's global instead outlives the call
+        mlflow.pytorch.log_model(
+            model, name=run_spec.model, model_id=logged.model_id, run_id=run_id, step=SUMMARY_STEP,
+            input_example=example, serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # no requirement inference
+        )
     except BaseException:
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         raise

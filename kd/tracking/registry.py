@@ -21,7 +21,7 @@ from kd.data import DATASETS
 from kd.errors import SpecError
 from kd.spec import RunSpec
 from kd.tracking import tags as T
-from kd.tracking.ledger import Ledger, owner_id
+from kd.tracking.ledger import PROCESS, Ledger
 from kd.tracking.logged_models import log_trained_model, model_shape, run_model_id
 from kd.tracking.presentation import describe_run
 
@@ -58,14 +58,16 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
     prefix = f"{run_id}/register"
     claims = ledger.claims(prefix + "/")
     taken = [int(k.removeprefix(prefix + "/")) for k in claims if k.removeprefix(prefix + "/").isdigit()]
-    if taken:  # claimed before: in progress elsewhere, unless it was done (and the entry deleted since)
-        latest = max(taken)
-        done = f"{prefix}/{latest}/done" in claims
-        if not done and time.time() - float(claims[f"{prefix}/{latest}"].rsplit("@", 1)[1]) < TAKEOVER_S:
+    latest = max(taken, default=0)
+    holder, _, stamp = claims.get(f"{prefix}/{latest}", "").rpartition("@")
+    if holder == PROCESS and f"{prefix}/{latest}/done" not in claims:
+        generation = latest  # our own claim, from an attempt the store failed: retry it
+    else:  # claimed before: in progress elsewhere, unless done (and the entry deleted since) or abandoned
+        if taken and f"{prefix}/{latest}/done" not in claims and time.time() - float(stamp) < TAKEOVER_S:
             return None
-    won, _, generation = ledger.claim_next(prefix, f"{owner_id()}@{time.time():.0f}")
-    if not won:
-        return None
+        won, _, generation = ledger.claim_next(prefix, f"{PROCESS}@{time.time():.0f}")
+        if not won:
+            return None
     try:
         client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")
     except MlflowException:  # it exists already
