@@ -18,7 +18,7 @@ from kd.methods import METHODS
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.presentation import SUMMARY_STEP
-from kd.tracking.registry import teacher_uri
+from kd.tracking.registry import resolve_teacher, teacher_uri
 from kd.tracking.store import get_client
 from tests.conftest import DIGITS_FAST, run_kd
 
@@ -65,7 +65,7 @@ def test_registry_versions_are_pt2_models_with_kd_logits_and_runs_say_what_they_
     student = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="logit", epochs=2,
                              batch_size=64)
     data = DeviceData(load_dataset("digits"), "digits", torch.device("cpu"), 0)
-    ours, _, _ = load_teacher(get_client(), student, data, torch.device("cpu"), tmp_path, "kd")
+    ours, _, _ = load_teacher(student, data, torch.device("cpu"), resolve_teacher(get_client(), student, tmp_path))
     x, _ = next(data.eval_batches(data.test, 64))
     with torch.no_grad():
         assert torch.allclose(loaded(x), ours(x)[-1], rtol=0, atol=1e-5)
