@@ -84,7 +84,7 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
               + (f", registered {o.registered}" if o.registered else "")
               + (f", unsynced ({o.unsynced} records wait in its journal)" if o.unsynced else ""))
-    if args.tracking == "direct":
+    if args.tracking == "direct" and not any(o.unsynced for o in outcomes):  # unsynced: the store is away
         print(ui_hint(experiment_id(get_client(), experiment)))
     return 0
 

@@ -117,7 +117,8 @@ def runs(experiment: str, query: str = "") -> list:
 def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Every training metric's (step, value) points, in step order (not the timings or system ones)."""
     client = MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if k != "epoch_time" and not k.startswith("system/")]
+    keys = [k for k in client.get_run(run_id).data.metrics
+            if k not in ("epoch_time", "train_time") and not k.startswith("system/")]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sqlite3
@@ -111,7 +112,17 @@ def get_client() -> MlflowClient:
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
     check_reachable(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = sqlite_path(uri)
+    if db is not None and uri not in _reachable:
+        _reachable.add(uri)
+        # MLflow creates a new sqlite store's tables on first use; two processes doing it at once
+        # break its migrations (N identical commands on a fresh store): one at a time.
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client.search_experiments(max_results=1)
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
