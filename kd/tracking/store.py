@@ -112,16 +112,18 @@ def get_client() -> MlflowClient:
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     db = sqlite_path(uri)
-    if db is not None and uri not in _reachable:
-        _reachable.add(uri)
-        # MLflow creates a new sqlite store's tables on first use; two processes doing it at once
-        # break its migrations (N identical commands on a fresh store): one at a time.
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(db.name + ".init.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            client.search_experiments(max_results=1)
+    if db is None or uri in _reachable:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # MLflow creates (migrates) a sqlite store's tables when a client first opens it; two processes
+    # doing it at once break the migrations (N identical commands on a fresh store): one at a time.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _reachable.add(uri)
     return client
 
 
