@@ -248,8 +248,11 @@ class RunTracker:
         return tracker
 
     def record(self, op: str, *, sync: bool = False, **fields: Any) -> None:
+        """Append to the journal; a durable record (an epoch, a status) also wakes the sender, the
+        others (system samples, tags) ride along with it: a store transaction per epoch, not per
+        sample, so the sender's thread costs training next to nothing."""
         self.journal.append(op, sync=sync, **fields)
-        if self.sender is not None:
+        if sync and self.sender is not None:
             self.sender.poke()
 
     def set_tags(self, tags: dict[str, str]) -> None:
