@@ -11,7 +11,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag
 from mlflow.exceptions import MlflowException
 
 from kd.spec import RunSpec
@@ -40,12 +39,6 @@ def summary_values(history: dict[str, list[float]]) -> dict[str, float]:
     best = max(range(len(acc)), key=lambda i: (acc[i], -i))
     return {"best_test_acc": acc[best], "final_test_acc": acc[-1], "best_epoch": best + 1,
             "train_time": sum(history.get("epoch_time", []))}
-
-
-def log_summary(client: MlflowClient, run_id: str, values: dict[str, float]) -> None:
-    """The run's summary metrics at SUMMARY_STEP (where `log_model` links them to the logged model)."""
-    ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, SUMMARY_STEP) for k, v in values.items()])
 
 
 def log_dataset_inputs(client: MlflowClient, run_id: str, inputs: list[dict[str, Any]]) -> None:

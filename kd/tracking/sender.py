@@ -154,10 +154,8 @@ class Sender:
         self.heartbeat = heartbeat
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.idle = threading.Event()
         self.gone: dict[str, RunGone] = {}
         self.outage_since: float | None = None
-        self.trained_in_outage = 0
         self.thread = threading.Thread(target=self.loop, name="kd-sender", daemon=True)
 
     def add(self, folder: Path) -> None:
@@ -187,10 +185,8 @@ class Sender:
                           "its journal is shipped", file=sys.stderr, flush=True)
                     self.outage_since = None
                 backoff = 1.0
-                self.idle.set()
                 self.wake.wait(HEARTBEAT_SECONDS)
             except Exception as err:  # the store is away: training goes on, the journal keeps everything
-                self.idle.clear()
                 if self.outage_since is None:
                     self.outage_since = time.time()
                     reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
@@ -205,7 +201,6 @@ class Sender:
             self.client.log_batch(folder.name, tags=[RunTag(T.HEARTBEAT, stamp)])
 
     def poke(self) -> None:
-        self.idle.clear()
         self.wake.set()
 
     def drain(self, timeout: float) -> bool:
