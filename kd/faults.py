@@ -2,9 +2,10 @@
 the n-th time it reaches `point` (1-based), exactly as a node failure would, mid-operation;
 `KD_CRASH_AT=point:n:term` sends SIGTERM instead, as a walltime or `qdel` does.
 
-Points: `step` (after an optimiser step), `eval` (inside evaluation), `checkpoint_write` (half
-a checkpoint file written), `checkpoint_upload` (between the two artifact uploads),
-`metrics_log` (checkpoint committed, metrics not yet logged). Unset, it costs one dict lookup.
+Points: `step` (after an optimiser step), `pretrain_step` (before a pre-training step), `eval`
+(inside evaluation), `checkpoint_write` (half a checkpoint file written), `checkpoint_upload`
+(between the two artifact uploads), `metrics_log` (checkpoint committed, metrics not yet
+logged), `finished` (the runs FINISHED in the journal, not yet shipped). Unset, it costs one dict lookup.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from tests.test_cluster import kd, wait_for, write_grid
 
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
     pytest.mark.skipif(not (shutil.which("sinfo") and os.environ.get("KD_TEST_SLURM")),
                        reason="needs the local Slurm started by .ci/run (sinfo on PATH and KD_TEST_SLURM=1)"),
 ]

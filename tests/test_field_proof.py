@@ -337,7 +337,7 @@ SLURM = pytest.mark.skipif(not (shutil.which("sinfo") and os.environ.get("KD_TES
                            reason="needs the local Slurm started by .ci/run (sinfo on PATH and KD_TEST_SLURM=1)")
 
 
-@pytest.mark.parametrize("scheduler", ["local", pytest.param("slurm", marks=[pytest.mark.slurm, SLURM])])
+@pytest.mark.parametrize("scheduler", ["local", pytest.param("slurm", marks=[pytest.mark.slurm, pytest.mark.xdist_group("slurm"), SLURM])])
 def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp_path, scheduler):
     """6 runs (a teacher and a pure student, then 4 KD students) whose jobs never open the store: their environment
     points MLFLOW_TRACKING_URI at nothing. Submit rounds ingest the journals: every run FINISHED, every

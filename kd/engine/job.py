@@ -37,6 +37,7 @@ from kd.engine.trainer import (
     set_cudnn_deterministic,
 )
 from kd.errors import SpecError
+from kd.faults import crash_point
 from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
@@ -200,7 +201,7 @@ def run_specs(
         check_writable()
         client = get_client()
     sender = Sender(client) if client is not None else None
-    with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name, sigterm_flag() as should_stop:
         tmp = Path(tmp_name)
         data = DeviceData(load_dataset(first.dataset), first.dataset, dev, first.seed, first.val_fraction,
                           first.train_limit)
@@ -244,7 +245,7 @@ def run_specs(
                                   **provenance})
                 tracker.record("inputs", inputs=inputs)
                 tracker.record("describe", spec=spec.to_dict(), teacher_run=teacher_run if spec in taught else None)
-            with sigterm_flag() as should_stop, SystemSampler(trackers):
+            with SystemSampler(trackers):
                 for student in students:
                     pretrain_once(student, teacher, data, should_stop)
                 trainer = fast.make_trainer(students, data, modes, teacher=teacher, precision=amp,
@@ -252,6 +253,7 @@ def run_specs(
                                             forwards=compiled.CompiledForwards(compile), collapse_after=collapse_after)
                 trainer.run()
             outcomes = [finish(s, shape) for s in students if trainer.alive(s)]
+            crash_point("finished")
         except BaseException as err:
             dropped = {s.tracker.run_id for s in students if trainer is not None and not trainer.alive(s)}
             for t in trackers:
@@ -277,7 +279,9 @@ def run_specs(
 def close(trackers: list[RunTracker], sender: Sender | None, timeout: float,
           outcomes: list[Outcome] | None = None) -> None:
     """Wait (at most `timeout` s) for the sender to ship every journal, then let the runs go: a run
-    whose store is away ends unsynced, to be shipped by `kd sync` or the next `kd submit` round."""
+    whose store is away ends unsynced, to be shipped by `kd sync` or the next `kd submit` round.
+    A SIGTERM here (the runs are over) waits too: a scheduler's SIGKILL after its grace loses
+    nothing, the journal keeps what was not shipped."""
     if sender is not None:
         sender.drain(timeout)
         sender.stop()
@@ -382,6 +386,7 @@ def pretrain_once(s: Student, teacher: torch.nn.Module | None, data: DeviceData,
 
     def batches() -> Any:
         for batch in data.train_batches(next(epochs), s.spec.batch_size):
+            crash_point("pretrain_step")
             if should_stop():
                 raise Stopped(f"stopped during the pre-training of method '{s.spec.method}'")
             yield batch

@@ -6,16 +6,18 @@ so the feature methods (FitNets, attention transfer, NST) treat them like CNN st
 width are options of `build_vit`; the registry's constructors are fixed presets of it. Inputs of
 another size than the model was built for are resized to it, which is how `ViTTiny224` (timm's
 patch-16 layout, so timm's pretrained weights fit) takes 32x32 CIFAR images.
+
+timm is imported when a ViT is first built, not with this module: it loads torchvision's models and
+torch._dynamo (about 3 s per process), which every CNN run, job and test process would pay.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from kd.errors import TIMM_HUB, SpecError
@@ -27,16 +29,27 @@ TIMM_VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "head.weight", "head.bias")  # read before the state is fit
 
 
-class TappedViT(VisionTransformer):
-    """timm's VisionTransformer (same state_dict keys, so timm checkpoints load) returning feature taps."""
+@functools.cache
+def tapped_vit() -> type[nn.Module]:
+    """The class TappedViT: timm's VisionTransformer (same state_dict keys, so timm checkpoints load)
+    returning feature taps. Made on first use, so that importing kd does not import timm."""
+    from timm.models.vision_transformer import VisionTransformer  # heavy, ViT runs only (module docstring)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        size = tuple(self.patch_embed.img_size)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        depth = len(self.blocks)
-        final, taps = self.forward_intermediates(x, indices=[depth * k // 3 - 1 for k in (1, 2, 3)])
-        return [*taps, self.forward_head(final)]
+    class TappedViT(VisionTransformer):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            size = tuple(self.patch_embed.img_size)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            depth = len(self.blocks)
+            final, taps = self.forward_intermediates(x, indices=[depth * k // 3 - 1 for k in (1, 2, 3)])
+            return [*taps, self.forward_head(final)]
+
+    return TappedViT
+
+
+def is_vit(model: nn.Module) -> bool:
+    """A model `build_vit` made (no ViT exists before the class does)."""
+    return tapped_vit.cache_info().currsize > 0 and isinstance(model, tapped_vit())
 
 
 def build_vit(
@@ -47,11 +60,11 @@ def build_vit(
     embed_dim: int,
     heads: int,
     patch_size: int | None = None,
-) -> TappedViT:
+) -> nn.Module:
     """A ViT whose patch size defaults to image_size // 8 (an 8x8 token grid: patch 4 at 32, 1 at 8)."""
     if depth < 3:
         raise ValueError(f"ViT depth {depth} gives fewer than 3 distinct feature taps: use depth >= 3")
-    return TappedViT(
+    return tapped_vit()(
         img_size=image_size,
         patch_size=patch_size or max(1, image_size // 8),
         in_chans=in_channels,
@@ -77,12 +90,12 @@ def vit_tiny_224(num_classes: int, in_channels: int = 3, image_size: int = 32) -
     return build_vit(num_classes, in_channels, 224, depth=12, embed_dim=192, heads=3, patch_size=16)
 
 
-def load_pretrained_vit_tiny(model: VisionTransformer, path: str) -> None:
+def load_pretrained_vit_tiny(model: nn.Module, path: str) -> None:
     """Load a local timm ViT-Tiny state_dict (or a kd best.pth of one) into `model`; nothing is downloaded."""
     load_vit_tiny_state(model, load_state_dict_file(path, "--teacher-weights"), path)
 
 
-def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source: str) -> None:
+def load_vit_tiny_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
     """Load a timm ViT-Tiny state_dict into `model`; errors are one-line SpecErrors naming `source`.
 
     The position embeddings are resampled to the model's token grid. The patch embedding cannot be
@@ -100,6 +113,8 @@ def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source:
             f"{source}: patch embedding {tuple(theirs)} does not fit the model's {tuple(ours)}: build the model "
             f"with patch_size={theirs[-1]}, in_channels={theirs[1]} (patch 16 at 224: --model ViTTiny224)"
         )
+    from timm.layers import resample_abs_pos_embed  # heavy, ViT runs only (module docstring)
+
     state = dict(state)
     state["pos_embed"] = resample_abs_pos_embed(
         state["pos_embed"], list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
@@ -111,7 +126,7 @@ def load_vit_tiny_state(model: VisionTransformer, state: dict[str, Any], source:
 
 def timm_vit_tiny_state() -> dict[str, Tensor]:
     """timm's pretrained ViT-Tiny from the Hugging Face hub, or its local cache when offline."""
-    import timm
+    import timm  # heavy, ViT runs only (module docstring)
 
     try:
         return timm.create_model(TIMM_VIT_TINY, pretrained=True).state_dict()
@@ -124,7 +139,7 @@ def timm_vit_tiny_state() -> dict[str, Tensor]:
 
 def start_weights(model: nn.Module, init_weights: str | None) -> str | None:
     """Load a teacher's starting weights; returns the line saying where they come from (None: not a ViT)."""
-    if not isinstance(model, TappedViT):
+    if not is_vit(model):
         if init_weights:
             raise SpecError(f"{type(model).__name__} is not a ViT: init weights are timm ViT-Tiny checkpoints "
                             f"(drop --teacher-weights {init_weights}, or train ViTTiny224)")

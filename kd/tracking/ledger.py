@@ -77,26 +77,27 @@ class Ledger:
         self.run_id = ledger_run(client)
 
     def claim(self, key: str, value: str) -> str:
-        """Set key to value if nobody has; the value that holds the key now (ours if we won)."""
+        """Set key to value if nobody has; the value that holds the key now (ours if we won).
+
+        The loser of a race may get "changing param values is not allowed", or, when both
+        transactions read before either wrote, the database's own unique-key error (a server
+        store's threads race so): either way the key's holder is read back."""
         try:
             self.client.log_batch(self.run_id, params=[Param(key, value)])
             return value
-        except MlflowException as err:
-            if "Changing param values is not allowed" not in str(err):
+        except MlflowException:
+            holder = self.claims(key).get(key)
+            if holder is None:  # the store failed, nobody holds the key
                 raise
-            return self.claims(key)[key]
+            return holder
 
     def claims(self, prefix: str) -> dict[str, str]:
         """Every claim whose key starts with prefix."""
         params = self.client.get_run(self.run_id).data.params
         return {k: v for k, v in params.items() if k.startswith(prefix)}
 
-    def claim_next(self, prefix: str, value: str) -> tuple[bool, str, int]:
-        """Claim `prefix/<n+1>` where n is the highest generation taken: (won, holder, n+1).
-
-        Generations let a dead holder be succeeded (a new lease after a kill) while two processes
-        that start at the same instant still race for one key, which only one of them gets."""
-        taken = [int(k.rsplit("/", 1)[1]) for k in self.claims(prefix + "/") if k.rsplit("/", 1)[1].isdigit()]
-        generation = max(taken, default=0) + 1
-        holder = self.claim(f"{prefix}/{generation}", value)
-        return holder == value, holder, generation
+    def generations(self, prefix: str) -> dict[int, str]:
+        """The holders of `prefix/<n>`, by n: a lease or a registration is taken over by claiming
+        the generation after the latest, so of two successors at the same instant one wins."""
+        found = {k.removeprefix(prefix + "/"): v for k, v in self.claims(prefix + "/").items()}
+        return {int(n): v for n, v in found.items() if n.isdigit()}

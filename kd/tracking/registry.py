@@ -56,17 +56,17 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
         return None
     ledger = Ledger(client)
     prefix = f"{run_id}/register"
-    claims = ledger.claims(prefix + "/")
-    taken = [int(k.removeprefix(prefix + "/")) for k in claims if k.removeprefix(prefix + "/").isdigit()]
-    latest = max(taken, default=0)
-    holder, _, stamp = claims.get(f"{prefix}/{latest}", "").rpartition("@")
-    if holder == PROCESS and f"{prefix}/{latest}/done" not in claims:
+    holders = ledger.generations(prefix)
+    latest = max(holders, default=0)
+    holder, _, stamp = holders.get(latest, "").rpartition("@")
+    done = bool(ledger.claims(f"{prefix}/{latest}/done"))
+    if holder == PROCESS and not done:
         generation = latest  # our own claim, from an attempt the store failed: retry it
     else:  # claimed before: in progress elsewhere, unless done (and the entry deleted since) or abandoned
-        if taken and f"{prefix}/{latest}/done" not in claims and time.time() - float(stamp) < TAKEOVER_S:
+        if latest and not done and time.time() - float(stamp) < TAKEOVER_S:
             return None
-        won, _, generation = ledger.claim_next(prefix, f"{PROCESS}@{time.time():.0f}")
-        if not won:
+        generation = latest + 1
+        if ledger.claim(f"{prefix}/{generation}", value := f"{PROCESS}@{time.time():.0f}") != value:
             return None
     try:
         client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")

@@ -93,6 +93,28 @@ def lease_is_live(run: Run, now: float | None = None) -> bool:
     return (now or time.time()) - float(beat) < LEASE_SECONDS
 
 
+def holder_is_live(holder: str, run: Run, now: float | None = None) -> bool:
+    """A lease claim `owner@time` still holds the run: its owner trains it (a live heartbeat), or
+    claimed it a moment ago and has not tagged the run yet."""
+    owner, _, stamp = holder.rpartition("@")
+    if run.data.tags.get(T.OWNER) == owner:
+        return lease_is_live(run, now)
+    return not owner_is_dead_here(owner) and (now or time.time()) - float(stamp or 0) < LEASE_SECONDS
+
+
+def take_lease(ledger: Ledger, client: MlflowClient, spec: RunSpec, run_id: str, owner: str) -> None:
+    """Claim the lease generation after the latest, only if that one's holder is gone: of two
+    processes resuming at once one wins, and neither takes over from a holder that is starting."""
+    prefix = f"{run_id}/lease"
+    holders = ledger.generations(prefix)
+    latest = max(holders, default=0)
+    if latest and holder_is_live(holders[latest], client.get_run(run_id)):
+        raise busy(spec, holders[latest].rpartition("@")[0], run_id)
+    holder = ledger.claim(f"{prefix}/{latest + 1}", value := f"{owner}@{time.time():.0f}")
+    if holder != value:
+        raise busy(spec, holder.rpartition("@")[0], run_id)
+
+
 def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None,
                logged: dict[str, str] | None = None) -> None:
     """Params, identity tags and config.json: what makes an MLflow run the run of this spec.
@@ -216,9 +238,7 @@ class RunTracker:
                 raise busy(spec, holder, "(not created yet)")
             force = False  # the attempt is the winner's: from now on its run is the one to wait for
             time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
-        won, holder, _ = ledger.claim_next(f"{run_id}/lease", owner)
-        if not won:
-            raise busy(spec, holder, run_id)
+        take_lease(ledger, client, spec, run_id, owner)
         tags = {T.OWNER: owner, T.HEARTBEAT: f"{time.time():.0f}", T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.update_run(run_id, status="RUNNING")

@@ -52,7 +52,9 @@ def sqlite_path(uri: str | None = None) -> Path | None:
 # journal's sender, so a request gives up in seconds. A user's own setting is kept.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-PROBE_TIMEOUT_S = 5.0
+# A store that refuses or does not accept the connection is down: 5 s. One that accepted it is
+# there but busy (a server taking 16 jobs' first requests at once): 10 s more for its answer.
+PROBE_CONNECT_S, PROBE_READ_S = 5.0, 10.0
 _reachable: set[str] = set()
 
 
@@ -70,10 +72,10 @@ def check_reachable(uri: str) -> None:
         if parsed.scheme in ("http", "https"):
             import requests  # mlflow's own HTTP client
 
-            requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=(PROBE_CONNECT_S, PROBE_READ_S)).raise_for_status()
         elif parsed.hostname:
             default_port = {"postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0], 5432)
-            socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_TIMEOUT_S).close()
+            socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_CONNECT_S).close()
     except Exception as err:
         shown = uri.replace(f":{parsed.password}@", ":***@") if parsed.password else uri
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
@@ -81,6 +83,8 @@ def check_reachable(uri: str) -> None:
             f"the tracking store {shown} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI; "
             "jobs can train without it (job setting tracking: journal, docs/cluster.md)") from None
     _reachable.add(uri)
+
+
 def check_writable() -> None:
     """Refuse at once a sqlite store this process cannot write (MLflow would fail much later, at length).
 
