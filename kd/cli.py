@@ -30,7 +30,7 @@ from kd.flags import (
     add_spec_flags,
     spec_from_args,
 )
-from kd.spec import RunSpec
+from kd.spec import RunOptions, RunSpec
 from kd.tuning.cli import register as register_tune
 
 # What each command fills in below the flags (and shows in --help); RunSpec.create does the rest.
@@ -69,11 +69,10 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
     attach = os.environ.get("MLFLOW_RUN_ID")
     experiment = attached_experiment(attach) if attach else args.experiment
     try:
-        outcomes = run_specs(specs, experiment=experiment, device=args.device, precision=args.precision,
-                             compile=args.compile, collapse_after=args.collapse_after,
-                             cudnn_deterministic=args.cudnn_deterministic, force=args.force, attach_run_id=attach,
+        outcomes = run_specs(specs, experiment=experiment, options=RunOptions.from_values(args), force=args.force,
+                             attach_run_id=attach,
                              journal_dir=Path(args.journal_dir).absolute() if args.journal_dir else None,
-                             journal_runs=journal_runs, tracking=args.tracking, **sync_timeout(args))
+                             journal_runs=journal_runs, **sync_timeout(args))
     except AlreadyFinished as done:
         print(done)
         repaired = register_if_missing(get_client(), done.run, done.spec) if done.run else None

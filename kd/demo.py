@@ -8,7 +8,7 @@ cluster. Re-running the demo reuses its finished runs.
 from __future__ import annotations
 
 from kd.engine.job import run_specs
-from kd.spec import RunSpec
+from kd.spec import RunOptions, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.runs import runs_by_key
 from kd.tracking.store import experiment_id, get_client, tracking_uri, ui_hint
@@ -45,7 +45,7 @@ def run_demo(experiment: str = "demo", device: str = "auto", epochs: int | None 
     for label, spec in demo_specs(epochs or DEMO_EPOCHS).items():
         done = best_acc(spec, experiment)
         if done is None:
-            outcome = run_specs([spec], experiment=experiment, device=device, extra_tags=nested)[0]
+            outcome = run_specs([spec], experiment=experiment, options=RunOptions(device=device), extra_tags=nested)[0]
             done = outcome.best_acc, outcome.run_id
         else:
             print(f"{label}: reusing finished run {done[1]}")

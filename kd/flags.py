@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from kd.errors import SpecError
 from kd.presets import with_preset
-from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
+from kd.spec import COLLAPSE_FACTOR, TRACKING_MODES, RunOptions, RunSpec
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3
@@ -101,24 +101,30 @@ def add_preset_flag(parser: argparse.ArgumentParser) -> None:
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
                         help="MLflow experiment (default kd)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--precision", default="auto",
-                        help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
-    parser.add_argument("--collapse-after", "--collapse_after", type=int, default=DEFAULT_COLLAPSE_AFTER,
-                        help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
-                             f"{COLLAPSE_FACTOR:g}x chance (default {DEFAULT_COLLAPSE_AFTER}; 0: never)")
-    parser.add_argument("--cudnn-deterministic", "--cudnn_deterministic", action=argparse.BooleanOptionalAction,
-                        default=True, help="deterministic cuDNN kernels (default on; off: ~10 %% faster, "
-                                           "not bit-reproducible)")
-    parser.add_argument("--compile", action="store_true",
-                        help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
+    add_option_flags(parser)
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
     add_tracking_flags(parser)
 
 
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of RunOptions but `--tracking` (kd.spec): how runs compute, for training and tuning alike."""
+    defaults = RunOptions()
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--precision", default=defaults.precision,
+                        help="auto (bf16 on recent GPUs, fp16 + GradScaler on V100, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--collapse-after", "--collapse_after", type=int, default=defaults.collapse_after,
+                        help=f"stop a run as FAILED when no test accuracy of this many epochs in a row reaches "
+                             f"{COLLAPSE_FACTOR:g}x chance (default {defaults.collapse_after}; 0: never)")
+    parser.add_argument("--cudnn-deterministic", "--cudnn_deterministic", action=argparse.BooleanOptionalAction,
+                        default=defaults.cudnn_deterministic, help="deterministic cuDNN kernels (default on; off: ~10 %% faster, "
+                                           "not bit-reproducible)")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse the models' kernels with torch.compile (slower start; see docs/performance.md)")
+
+
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking", choices=("direct", "journal"), default="direct",
+    parser.add_argument("--tracking", choices=TRACKING_MODES, default=RunOptions().tracking,
                         help="direct: ship the run's journal to the store while training (default); journal: "
                              "never open the store (kd job: the submitter ingests it; kd train: kd sync does)")
     parser.add_argument("--journal-dir", "--journal_dir", default=None,

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,11 +34,54 @@ COLLAPSE_FACTOR = 2.0
 DEFAULT_COLLAPSE_AFTER = 10  # epochs; 0: never stop a run for not learning
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # how a run computes, not what it is: not in the spec's key
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device and the job setting device
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise SpecError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+
+
+def check_device(device: str, name: str = "--device") -> None:
+    if not DEVICE.fullmatch(device):
+        raise SpecError(f"{name} {device!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
+TRACKING_MODES = ("direct", "journal")  # the job ships its journal to the store | never opens the store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How runs compute and record, not what they are (not in a spec's key): built once, from the
+    flags, a grid's job settings or a study's worker flags, and passed whole to jobs, packs and
+    trials; `argv()` is how a job script hands it on to `kd job` or `kd tune`."""
+
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on recent GPUs, fp16 + GradScaler on a V100, fp32 on the CPU
+    compile: bool = False  # fuse the models' kernels with torch.compile (docs/performance.md)
+    collapse_after: int = DEFAULT_COLLAPSE_AFTER  # epochs below COLLAPSE_FACTOR x chance before FAILED; 0: never
+    cudnn_deterministic: bool = True
+    tracking: str = "direct"  # one of TRACKING_MODES
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_precision(self.precision)
+        if self.collapse_after < 0:
+            raise SpecError(f"--collapse-after {self.collapse_after} is negative: pass 0 (never) or more")
+        if self.tracking not in TRACKING_MODES:
+            raise SpecError(f"--tracking {self.tracking!r}: use direct (jobs ship to the store) or journal "
+                            "(jobs never open it; kd submit ingests their journals)")
+
+    @classmethod
+    def from_values(cls, values: Any) -> RunOptions:
+        """From anything with these names as attributes (parsed flags, job settings)."""
+        return cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls) if hasattr(values, f.name)})
+
+    def argv(self, *, tracking: bool = True) -> list[str]:
+        """The flags that give these options to `kd job` (`kd tune` takes all but `--tracking`)."""
+        return ["--device", self.device, "--precision", self.precision, "--collapse-after", str(self.collapse_after),
+                *(["--tracking", self.tracking] if tracking else []), *(["--compile"] if self.compile else []),
+                *([] if self.cudnn_deterministic else ["--no-cudnn-deterministic"])]
 
 
 @dataclass(frozen=True)

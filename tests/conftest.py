@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kd.spec import RunOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,8 @@ def run_kd(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 
+
+CPU = RunOptions(device="cpu")  # what the in-process trainings of the tests run with
 
 DIGITS_FAST = ("--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--device", "cpu")
 

@@ -29,6 +29,7 @@ from kd.analysis.features import (
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
 from kd.tracking.store import get_client
+from tests.conftest import CPU
 
 ROOT = Path(__file__).resolve().parents[1]
 rng = np.random.default_rng(0)
@@ -114,9 +115,9 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     patch.chdir(root)
     common = dict(dataset="digits", model="ResNet8", epochs=2, batch_size=64)
-    teacher = run_specs([RunSpec.create(role="teacher", **common)], experiment="kd", device="cpu")[0]
+    teacher = run_specs([RunSpec.create(role="teacher", **common)], experiment="kd", options=CPU)[0]
     student = run_specs([RunSpec.create(teacher="ResNet8", method="logit", alpha=0.5, **common)],
-                        experiment="kd", device="cpu")[0]
+                        experiment="kd", options=CPU)[0]
     yield {"root": root, "teacher": teacher.run_id, "student": student.run_id}
     patch.undo()
 

@@ -110,6 +110,7 @@ def test_a_plain_state_dict_is_a_teacher_too(store, tmp_path):
      "within --epochs"),
     ((*TRAIN, "--batch-size", "100000"),
      "kd: batch_size 100000 is larger than the training set of digits (1437 images): pass --batch-size 1437 or less"),
+    ((*TRAIN, "--device", "gpu0"), "kd: --device 'gpu0' is not a device: use auto, cpu, cuda or cuda:N"),
 ])  # fmt: skip
 def test_bad_flags_give_one_line_and_no_run(store, argv, line):
     assert one_line(run_kd(*argv)) == line

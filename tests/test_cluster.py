@@ -57,7 +57,7 @@ from kd.spec import RunSpec, SpecError
 from kd.tracking.registry import teacher_run_id
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client
-from tests.conftest import run_kd
+from tests.conftest import CPU, run_kd
 
 
 def kd(*argv: str) -> tuple[int, str]:
@@ -385,7 +385,7 @@ def test_a_teacher_finished_but_never_registered_is_registered_by_submit_and_by_
                                              "spec: {epochs: 1, batch_size: 64, train_limit: 256}\n"
                                              "job: {ncpus: 1, gpus: 0, device: cpu}\n")
     teacher = load_grid(grid).specs[0]
-    [trained] = run_specs([teacher], experiment="rep", device="cpu", progress=False)
+    [trained] = run_specs([teacher], experiment="rep", options=CPU, progress=False)
     client = MlflowClient()
     for route in ("submit", "train"):
         client.delete_registered_model("digits-ResNet8")  # what the kill leaves: FINISHED, no entry
@@ -460,7 +460,7 @@ def test_tune_workers_are_submitted_once_and_finish_the_study(store):
     """`kd submit --tune STUDY --workers 2`: two worker jobs, none while they live, none once done."""
     teacher = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=1, batch_size=64,
                              train_limit=256)
-    run_specs([teacher], experiment="tune", device="cpu", progress=False)  # registers digits-ResNet8@seed0
+    run_specs([teacher], experiment="tune", options=CPU, progress=False)  # registers digits-ResNet8@seed0
     code, _ = kd("tune", "--dataset", "digits", "--method", "logit", "--teacher", "ResNet8", "--student", "ResNet8",
                  "--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--trials", "2", "--params", "alpha",
                  "--pruner", "none", "--study", "t", "--create-only", "--experiment", "tune", "--device", "cpu")

@@ -102,7 +102,7 @@ seeds: [0, 1, 2]
 teacher: ResNet8
 student: ResNet8
 pure_student: false
-spec: {epochs: 160, batch_size: 16}  # more than a 1-minute walltime can train on an idle machine
+spec: {epochs: 100, batch_size: 16}  # 90 s on one idle core: more than a 1-minute walltime trains of it
 job: {walltime: "00:01:00", ncpus: 1, gpus: 0, mem: 1gb, device: cpu}
 """
 
@@ -134,13 +134,13 @@ def test_qdel_scancel_and_walltime_kills_resume_the_same_runs(store, tmp_path):
     code, out = kd("submit", *longer)
     assert out.count("\n  resume ") == 2 and f"skip-running      teacher-s2-digits-ResNet8  (pbs job {jobs[2]})" in out
     wait_for(lambda: job_state(jobs[2]) == "TIMEOUT", 150, "the walltime kill of seed 2")
-    assert 0 < epoch(2) < 160
+    assert 0 < epoch(2) < 100
 
-    submit_until_finished(longer, "kills", 3, tmp_path, max_queued=10)
+    submit_until_finished(longer, "kills", 3, tmp_path, max_queued=10, timeout=600)
     runs = runs_of(client, "kills")
     assert {r.info.run_id for r in runs} == set(ids.values())  # resumed, never recreated
     for run in runs:
-        assert steps(client, run.info.run_id) == list(range(1, 161)), run.info.run_name
+        assert steps(client, run.info.run_id) == list(range(1, 101)), run.info.run_name
         assert run.data.tags["ops.scheduler"] == "slurm" and run.data.tags["ops.job_id"] not in jobs.values()
         assert f"resuming run {run.info.run_id}" in Path(run.data.tags["ops.job_log"]).read_text()
 

@@ -20,9 +20,9 @@ from kd.engine.trainer import TrainingDiverged
 from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
 from kd.models.weights import load_weights_only
-from kd.spec import RunSpec
+from kd.spec import RunOptions, RunSpec
 from kd.tracking.runs import AlreadyFinished
-from tests.conftest import mlflow_run, run_kd
+from tests.conftest import CPU, mlflow_run, run_kd
 
 
 def student(epochs: int = 4, train_limit: int = 640) -> tuple[str, ...]:
@@ -132,7 +132,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(teacher, tmp_path):
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a disk that lost its last write
     resumed = run_kd(*STUDENT)
     assert resumed.returncode == 0, resumed.stderr
-    assert "falling back to checkpoint/previous.pth" in resumed.stderr
+    assert "is unreadable: resuming from checkpoint/previous.pth" in resumed.stderr
     assert "after epoch 1" in resumed.stdout
     assert [s for s, _ in history(run.info.run_id, "test_acc")] == [1, 2, 3, 4]
 
@@ -150,6 +150,7 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(teacher, tmp_path
     last = resumed.stderr.strip().splitlines()[-1]
     assert last.startswith(f"kd: run {run.info.run_id} has no readable checkpoint (checkpoint/checkpoint.pth")
     assert "checkpoint/previous.pth" in last and last.endswith("pass --force to train a new attempt from epoch 1")
+    assert "unreadable" not in resumed.stderr.replace(last, "")  # one line says it, no fallback warning before
     (after,) = runs_of("kd")
     assert after.info.status != "FINISHED" and "no readable checkpoint" in after.data.tags["kd.error"]
     assert [s for s, _ in history(run.info.run_id, "test_acc")] == [1, 2]  # nothing trained again
@@ -237,7 +238,7 @@ def test_guard_stops_a_nan_loss_as_failed(teacher, broken_methods):
     spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="planted_nan", epochs=2,
                           batch_size=64)
     with pytest.raises(TrainingDiverged, match=r"method 'planted_nan' at epoch 1, step 1: .*loss_planted=nan"):
-        run_specs([spec], device="cpu", progress=False)
+        run_specs([spec], options=CPU, progress=False)
     (run,) = runs_of("kd")
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["kd.error"]
 
@@ -246,7 +247,7 @@ def test_guard_stops_skipped_fp16_steps_as_failed(teacher, broken_methods):
     spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="infinite_gradient",
                           epochs=20, batch_size=16)
     with pytest.raises(TrainingDiverged, match=r"100 optimiser steps in a row skipped .* 'infinite_gradient'"):
-        run_specs([spec], device="cpu", precision="fp16", progress=False)
+        run_specs([spec], options=RunOptions(device="cpu", precision="fp16"), progress=False)
     (run,) = runs_of("kd")
     assert run.info.status == "FAILED"
 
@@ -261,7 +262,7 @@ def test_a_diverged_student_fails_alone_and_its_pack_trains_on(teacher, broken_m
     pack = pure_and({"method": "planted_nan"}, epochs=2)
     with pytest.raises(TrainingDiverged, match=r"'planted_nan' at epoch 1, step 1: .*\(1 other run\(s\) of the "
                                                r"pack finished\)"):
-        run_specs(pack, device="cpu", progress=False)
+        run_specs(pack, options=CPU, progress=False)
     runs = {r.data.tags["kd.method"]: r for r in runs_of("kd")}
     assert runs["planted_nan"].info.status == "FAILED" and "non-finite" in runs["planted_nan"].data.tags["kd.error"]
     assert runs["pure"].info.status == "FINISHED" and [s for s, _ in history(runs["pure"].info.run_id, "test_acc")] \
@@ -278,7 +279,7 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"collapsed: method 'logit' stayed at \d+\.\d\d % test_acc or "
                                                r"less for 2 epochs \(epoch 2\), below 2x chance \(10\.00 %\); "
                                                r"stopped \(--collapse-after 0 trains on regardless\)"):
-        run_specs(pack, device="cpu", progress=False, collapse_after=2)
+        run_specs(pack, options=RunOptions(device="cpu", collapse_after=2), progress=False)
     runs = {r.data.tags["kd.method"]: r for r in runs_of("kd")}
     stuck, pure = runs["logit"], runs["pure"]
     assert stuck.info.status == "FAILED" and "collapsed" in stuck.data.tags["kd.error"]
@@ -288,12 +289,14 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
     status = run_kd("status").stdout
     assert " failed " in status and "\n    TrainingDiverged: collapsed: method 'logit' stayed at" in status
     # the same pack with the watch off trains both to the end
-    [_, watched_off] = run_specs(pack, experiment="off", device="cpu", progress=False, collapse_after=0)
+    [_, watched_off] = run_specs(pack, experiment="off", options=RunOptions(device="cpu", collapse_after=0),
+                                 progress=False)
     assert [s for s, _ in history(watched_off.run_id, "test_acc")] == [1, 2, 3, 4]
     # with a validation split (tuning) the watch reads it: the test set never decides a trial
     with pytest.raises(TrainingDiverged, match=r"stayed at \d+\.\d\d % val_acc or less for 2 epochs"):
-        run_specs([pack[1].replace(val_fraction=0.2)], experiment="val", device="cpu", progress=False,
-                  collapse_after=2)
+        run_specs([pack[1].replace(val_fraction=0.2)], experiment="val",
+                  options=RunOptions(device="cpu", collapse_after=2), progress=False,
+                  )
 
 
 def test_a_resumed_student_keeps_the_teacher_it_started_with(teacher):
@@ -317,7 +320,7 @@ def test_a_refused_spec_releases_the_runs_its_pack_claimed(teacher):
     done = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=2, batch_size=64)
     new = RunSpec.create(dataset="digits", model="ResNet20", role="teacher", epochs=2, batch_size=64)
     with pytest.raises(AlreadyFinished):
-        run_specs([new, done], device="cpu", progress=False)
+        run_specs([new, done], options=CPU, progress=False)
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id], "tags.`kd.model` = 'ResNet20'")
     assert run.info.status == "KILLED" and "another run of its pack was refused" in run.data.tags["kd.error"]
@@ -330,6 +333,6 @@ def test_an_exception_marks_the_run_failed(teacher):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        run_specs([spec], device="cpu", progress=False, on_epoch=explode)
+        run_specs([spec], options=CPU, progress=False, on_epoch=explode)
     (run,) = runs_of("kd")
     assert run.info.status == "FAILED" and run.data.tags["kd.error"] == "RuntimeError: disk full"

@@ -34,7 +34,8 @@ from kd.engine.trainer import (
 )
 from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
-from kd.spec import RunSpec
+from kd.spec import RunOptions, RunSpec
+from tests.conftest import CPU
 
 COMMON = dict(dataset="digits", model="ResNet8", epochs=2, batch_size=48, train_limit=320)  # 6 full + 1 short
 
@@ -84,7 +85,7 @@ def pack(teacher_weights: str) -> list[RunSpec]:
 @pytest.fixture(scope="module")
 def eager_pack(teacher_weights: str) -> list[dict[str, list[tuple[int, float]]]]:
     """The pack trained eagerly on the CPU: every metric history, per student."""
-    return [histories(o.run_id) for o in run_specs(pack(teacher_weights), experiment="eager", device="cpu",
+    return [histories(o.run_id) for o in run_specs(pack(teacher_weights), experiment="eager", options=CPU,
                                                    progress=False)]
 
 
@@ -129,7 +130,7 @@ def test_on_device_crop_flip_equals_torchvision_per_image(channels, size, paddin
 
 def test_packed_students_equal_their_solo_runs_bit_for_bit(teacher_weights, eager_pack):
     for spec, together in list(zip(pack(teacher_weights), eager_pack, strict=True))[:3]:
-        [alone] = run_specs([spec], experiment=f"solo-{spec.method}", device="cpu", progress=False)
+        [alone] = run_specs([spec], experiment=f"solo-{spec.method}", options=CPU, progress=False)
         assert histories(alone.run_id) == together, spec.method
         assert tag(alone.run_id) == "eager: no CUDA device (cpu)"
 
@@ -138,7 +139,7 @@ def test_graphed_step_equals_the_eager_step_and_mixes_with_eager_students(teache
     """Captured once for epoch 1 and again for DKD's epoch-2 ramp; Tucker steps eagerly after each
     replay, on the graph's teacher outputs; the short last batch is eager. Every metric is the eager one."""
     graphs = as_on_a_gpu(Uncaptured())
-    graphed = run_specs(pack(teacher_weights), experiment="graphed", device="cpu", progress=False)
+    graphed = run_specs(pack(teacher_weights), experiment="graphed", options=CPU, progress=False)
     assert graphs.captures == 2
     assert [histories(o.run_id) for o in graphed] == eager_pack
     assert [tag(o.run_id) for o in graphed] == [fast.GRAPH] * 3 + [
@@ -147,7 +148,7 @@ def test_graphed_step_equals_the_eager_step_and_mixes_with_eager_students(teache
 
 def test_a_failed_capture_trains_eagerly_and_says_why(teacher_weights, eager_pack, as_on_a_gpu):
     as_on_a_gpu(FailingCapture())
-    fell_back = run_specs(pack(teacher_weights), experiment="fell-back", device="cpu", progress=False)
+    fell_back = run_specs(pack(teacher_weights), experiment="fell-back", options=CPU, progress=False)
     assert [histories(o.run_id) for o in fell_back] == eager_pack
     assert [tag(o.run_id) for o in fell_back][:3] == [
         "eager: capture failed: RuntimeError: operation not permitted when stream is capturing"] * 3
@@ -234,11 +235,10 @@ def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack
     of it on one CPU). The compiled part is the forward: a wrong one moves loss_ce, train_loss and
     test_loss by far more than 3e-3 of themselves.
     """
-    solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", device="cpu", compile=True,
-                     progress=False)
+    compiled = RunOptions(device="cpu", compile=True)
+    solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", options=compiled, progress=False)
     as_on_a_gpu(Uncaptured())
-    packed = run_specs(pack(teacher_weights)[:2], experiment="compiled-graphed", device="cpu", compile=True,
-                       progress=False)
+    packed = run_specs(pack(teacher_weights)[:2], experiment="compiled-graphed", options=compiled, progress=False)
     for outcome, want in [(solo[0], eager_pack[1]), (packed[0], eager_pack[0]), (packed[1], eager_pack[1])]:
         got = histories(outcome.run_id)
         assert got.keys() == want.keys()
@@ -272,7 +272,7 @@ def test_the_graphed_guard_names_method_epoch_and_first_bad_step(teacher_weights
         with pytest.raises(TrainingDiverged, match=r"non-finite loss in method 'planted_nan_graphed' at epoch 1, "
                                                    r"step 1: .*loss_planted=nan"):
             run_specs([pack(teacher_weights)[0], kd_spec(teacher_weights, "planted_nan_graphed")],
-                      experiment="guard", device="cpu", progress=False)
+                      experiment="guard", options=CPU, progress=False)
     finally:
         METHODS.pop(PlantedNaN.name)
     client = MlflowClient()

@@ -29,7 +29,7 @@ from kd.spec import RunSpec
 from kd.tracking.journal import JOURNAL, local_state, read_records
 from kd.tracking.presentation import SUMMARY_STEP, summary_values
 from kd.tracking.store import get_client
-from tests.conftest import run_kd
+from tests.conftest import CPU, run_kd
 
 TEACHER = ("train", "--dataset", "digits", "--model", "ResNet8", "--role", "teacher", "--batch-size", "64",
            "--train-limit", "640", "--device", "cpu")
@@ -206,6 +206,8 @@ def test_a_job_that_ends_while_the_store_is_away_is_synced_later(server, tmp_pat
     assert MlflowClient().get_run(run_id).info.status != "FINISHED"
     status = run_kd("status")
     assert f"unsynced: run {run_id} (FINISHED at epoch 3" in status.stdout, status.stdout
+    again = run_kd(*TEACHER, "--epochs", "3")  # the same command, before anyone syncs: nothing trains again
+    assert again.returncode == 0 and "FINISHED in its journal" in again.stdout, again.stderr
     synced = run_kd("sync")
     assert synced.returncode == 0, synced.stderr
     assert f"synced run {run_id}" in synced.stdout and "registered digits-ResNet8@seed0" in synced.stdout
@@ -270,7 +272,7 @@ def test_a_run_stopped_by_the_store_is_killed_and_resubmitted(store):
         requests.get(f"http://127.0.0.1:{free_port()}/api/2.0/mlflow/runs/get", timeout=2)  # nobody listens
 
     with pytest.raises(requests.ConnectionError):
-        run_specs([spec], device="cpu", progress=False, on_epoch=store_gone)
+        run_specs([spec], options=CPU, progress=False, on_epoch=store_gone)
     (run,) = runs("kd")
     assert run.info.status == "KILLED" and run.data.tags["kd.error"].startswith("ConnectionError")
     (item,) = plan([spec], observe(get_client(), "kd"), max_queued=5).items

@@ -33,10 +33,11 @@ from kd.models import create_model
 from kd.models.vit import NO_WEIGHTS, build_vit, start_weights
 from kd.presets import PLAN_ALPHA, PLAN_TEMPERATURE, PRESETS, preset_defaults, suite_alpha
 from kd.spec import TIMM_HUB, RunSpec, SpecError
+from tests.conftest import CPU as CPU_RUNS
 
 CPU = torch.device("cpu")
 SMALL = {"dataset": "digits", "epochs": 1, "batch_size": 64, "train_limit": 64, "milestones": ()}  # one step
-RUN = {"experiment": "lab", "device": "cpu", "progress": False}
+RUN = {"experiment": "lab", "options": CPU_RUNS, "progress": False}
 PAIRS = {"cnn": ("cnn-teacher", "cnn-student"), "vit": ("vit-teacher", "vit-student")}
 KD_TERMS = {"logit": "loss_kd", "fitnets": "loss_fitnets", "attention_transfer": "loss_at", "nst": "loss_nst"}
 

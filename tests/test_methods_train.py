@@ -19,7 +19,7 @@ from kd.data import load_dataset
 from kd.data.fashion_mnist import find_files
 from kd.engine.job import run_specs
 from kd.spec import RunSpec
-from tests.conftest import mlflow_run, run_kd
+from tests.conftest import CPU, mlflow_run, run_kd
 
 TERMS = {
     "logit": ["loss_kd"],
@@ -73,10 +73,10 @@ def test_teacher_pure_and_every_method_learn(store, dataset):
     if dataset == "fashion_mnist" and find_files(Path("data")) is None:
         pytest.skip("Fashion-MNIST idx files not installed (Debian package dataset-fashion-mnist; .ci/run installs it)")
     common, teacher_model, minimum, _ = DATASETS[dataset]
-    [teacher] = run_specs([RunSpec.create(model=teacher_model, role="teacher", **common)], device="cpu",
+    [teacher] = run_specs([RunSpec.create(model=teacher_model, role="teacher", **common)], options=CPU,
                           progress=False)
     assert teacher.best_acc > minimum, f"teacher reached only {teacher.best_acc:.1f} %"
-    outcomes = run_specs(students(dataset), device="cpu", progress=False)
+    outcomes = run_specs(students(dataset), options=CPU, progress=False)
     client = MlflowClient()
     epochs = common["epochs"]
     for o in outcomes:

@@ -23,6 +23,7 @@ from kd.spec import RunSpec, SpecError
 from kd.tuning.space import Dim, build_space, default_dim, trial_spec
 from kd.tuning.storage import open_storage
 from kd.tuning.workers import tune_worker_command
+from tests.conftest import CPU
 
 EXPERIMENT = "tune"
 TINY = ["--dataset", "digits", "--method", "rkd", "--teacher", "ResNet8", "--student", "ResNet8",
@@ -46,7 +47,7 @@ def teacher_weights(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     folder = tmp_path_factory.mktemp("teacher")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
-        [outcome] = run_specs([TEACHER], experiment=EXPERIMENT, device="cpu", progress=False)
+        [outcome] = run_specs([TEACHER], experiment=EXPERIMENT, options=CPU, progress=False)
         return ["--teacher-weights", MlflowClient().download_artifacts(outcome.run_id, "best.pth", str(folder))]
 
 
@@ -134,7 +135,7 @@ def test_study_prunes_and_every_trial_is_a_child_run(store: Path, capsys: pytest
     from kd.flags import spec_from_args
 
     study_name = "prune"
-    run_specs([TEACHER], experiment=EXPERIMENT, device="cpu", progress=False)  # registered: digits-ResNet8@seed0
+    run_specs([TEACHER], experiment=EXPERIMENT, options=CPU, progress=False)  # registers digits-ResNet8@seed0
     code = kd_main(["tune", *TINY, "--study", study_name, "--trials", "6", "--epochs", "3",
                       "--params", "rkd_distance_weight,rkd_angle_weight,alpha,lr",
                       "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "0"])
@@ -211,7 +212,7 @@ def test_killed_worker_trial_is_failed_and_retried(store: Path, teacher_weights:
     first.wait(10)
     time.sleep(3)  # the grace period: the next worker's first request for a trial finds it stale
 
-    second = worker(tune_worker_command(study_name, storage, 0, device="cpu", heartbeat_interval=1,
+    second = worker(tune_worker_command(study_name, storage, 0, options=CPU, heartbeat_interval=1,
                                         grace_period=3)[4:], store)
     assert second.wait(240) == 0, logs(store)
     study = load(study_name, storage)

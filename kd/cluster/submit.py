@@ -167,11 +167,8 @@ def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, jo
             if journal:
                 prepare_journal(client, item.spec, run_ids[-1], journals_dir(settings) / run_ids[-1])
         first = job[0].spec.name()
-        command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], "--device", settings.device,
-                   "--precision", settings.precision, "--collapse-after", str(settings.collapse_after),
-                   "--tracking", settings.tracking, "--journal-dir", str(journals_dir(settings)),
-                   *(["--compile"] if settings.compile else []),
-                   *([] if settings.cudnn_deterministic else ["--no-cudnn-deterministic"])]
+        command = ["kd", "job", *[a for r in run_ids for a in ("--run-id", r)], *settings.options().argv(),
+                   "--journal-dir", str(journals_dir(settings))]
         name = f"kd-{first}" + (f"+{len(job) - 1}" if len(job) > 1 else "")
         job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / grid, f"{first}.{run_ids[0][:8]}",
                                        name, command)
@@ -258,7 +255,7 @@ def submit_tune(study: str, storage: str, workers: int, scheduler: str, settings
                 action = WAIT_SLOT
             print(f"  worker {i}: {action}", flush=True)
         for i in [] if dry_run else todo:
-            command = tune_worker_command(study, storage, i, device=settings.device, python="python")
+            command = tune_worker_command(study, storage, i, options=settings.options(), python="python")
             job_id, log = write_and_submit(sched, settings, Path(settings.jobs_dir) / f"tune-{study}",
                                            f"worker{i}", f"kd-tune-{study}-w{i}", command)
             worker_tags = {f"kd.worker{i}.job_id": job_id, f"kd.worker{i}.scheduler": sched.name,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import SpecError
-from kd.spec import DEFAULT_COLLAPSE_AFTER, check_precision
+from kd.spec import RunOptions
 from kd.tracking.store import sqlite_path
 
 TEMPLATES = "job_templates"  # package data of kd.cluster; kd/cluster/job_templates -> ../../pbs_templates
@@ -38,7 +38,6 @@ SHELL_SPECIAL = set("`$;&|<>(){}[]\\\"'!*?#~\n\r\t\0")  # paths may hold spaces,
 URI_SPECIAL = set("`$;|<>\\\"'\n\r\t\0")  # URIs, env values, arguments: & ? # ( ) and spaces are quoted
 WALLTIME = re.compile(r"\d{1,4}:[0-5]\d:[0-5]\d")
 MEM = re.compile(r"(\d+)([kmgt])b?", re.IGNORECASE)
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
@@ -62,12 +61,17 @@ class JobSettings:
     workdir: str | None = None  # default: where `kd submit` runs
     data_root: str | None = None  # KD_DATA_ROOT of the job; default $KD_DATA_ROOT or workdir/data
     jobs_dir: str | None = None  # job scripts and logs; default kd-jobs/ beside the sqlite store
-    device: str = "auto"
-    precision: str = "auto"  # kd job --precision: auto is bf16 on recent GPUs, fp16 on a V100
-    compile: bool = False  # kd job --compile: fused kernels (docs/performance.md)
-    collapse_after: int = DEFAULT_COLLAPSE_AFTER  # kd job --collapse-after: epochs at chance before FAILED
-    cudnn_deterministic: bool = True  # false: kd job --no-cudnn-deterministic
-    tracking: str = "direct"  # journal: jobs never open the store; kd submit ingests their journals
+    # RunOptions, handed to kd job as its flags (RunOptions.argv)
+    device: str = RunOptions.device
+    precision: str = RunOptions.precision  # auto is bf16 on recent GPUs, fp16 on a V100
+    compile: bool = RunOptions.compile  # fused kernels (docs/performance.md)
+    collapse_after: int = RunOptions.collapse_after  # epochs at chance before FAILED
+    cudnn_deterministic: bool = RunOptions.cudnn_deterministic  # false: kd job --no-cudnn-deterministic
+    tracking: str = RunOptions.tracking  # journal: jobs never open the store; kd submit ingests their journals
+
+    def options(self) -> RunOptions:
+        """The RunOptions its jobs train with (device ... tracking are RunOptions' fields)."""
+        return RunOptions.from_values(self)
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> JobSettings:
@@ -95,14 +99,13 @@ class JobSettings:
             raise SpecError(f"job setting walltime={self.walltime!r} is not HH:MM:SS (e.g. 02:00:00)")
         if not MEM.fullmatch(self.mem):
             raise SpecError(f"job setting mem={self.mem!r} is not a size like 16gb or 500mb")
-        if not DEVICE.fullmatch(self.device):
-            raise SpecError(f"job setting device={self.device!r}: use auto, cpu or cuda")
-        check_precision(self.precision)
-        if self.tracking not in ("direct", "journal"):
-            raise SpecError(f"job setting tracking={self.tracking!r}: use direct (jobs ship to the store) or "
-                            "journal (jobs never open it; kd submit ingests their journals)")
-        if self.ncpus < 1 or self.gpus < 0 or self.collapse_after < 0:
-            raise SpecError("job settings need ncpus >= 1, gpus >= 0 and collapse_after >= 0")
+        try:
+            self.options()
+        except SpecError as err:  # "--collapse-after -1 ..." named as the grid's `job:` block names it
+            name, _, rest = str(err).removeprefix("--").partition(" ")
+            raise SpecError(f"job setting {name.replace('-', '_')} {rest}") from None
+        if self.ncpus < 1 or self.gpus < 0:
+            raise SpecError("job settings need ncpus >= 1 and gpus >= 0")
         if self.venv and self.conda_env:
             raise SpecError("job settings venv and conda_env are both set: keep one")
         for name in ("queue", "project", "partition", "gres", "constraint"):

@@ -72,10 +72,10 @@ class CheckpointStore:
                 state = load_weights_only(path)
             except Exception as err:  # truncated or corrupt: fall back to the previous one
                 unreadable.append(f"{artifact} ({type(err).__name__})")
-                if artifact == NEWEST:
-                    warnings.warn(f"checkpoint {artifact} of run {self.tracker.run_id} is unreadable ({err}); "
-                                  f"falling back to {PREVIOUS}", stacklevel=2)
                 continue
+            if unreadable:  # said once it is known whether the fallback loads (if not: the one error line)
+                warnings.warn(f"checkpoint {unreadable[0]} of run {self.tracker.run_id} is unreadable: resuming "
+                              f"from {artifact}", stacklevel=2)
             if path != self.dir / "checkpoint.pth":
                 save_atomic(state, self.dir / "checkpoint.pth")  # the base of the next `previous`
             return state

@@ -42,7 +42,7 @@ from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.models.weights import fit_state_dict, load_state_dict_file, load_weights_only
-from kd.spec import DEFAULT_COLLAPSE_AFTER, PACK_FIELDS, RunSpec, check_precision
+from kd.spec import PACK_FIELDS, RunOptions, RunSpec, check_device
 from kd.tracking import tags as T
 from kd.tracking.journal import JournalError, journal_root, prune
 from kd.tracking.logged_models import model_shape
@@ -67,6 +67,7 @@ class Outcome:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -152,11 +153,7 @@ def run_specs(
     specs: list[RunSpec],
     *,
     experiment: str = DEFAULT_EXPERIMENT,
-    device: str = "auto",
-    precision: str = "auto",
-    compile: bool = False,
-    collapse_after: int = DEFAULT_COLLAPSE_AFTER,
-    cudnn_deterministic: bool = True,
+    options: RunOptions | None = None,
     force: bool = False,
     attach_run_id: str | None = None,
     progress: bool | None = None,
@@ -164,7 +161,6 @@ def run_specs(
     on_epoch: EpochCallback | None = None,
     journal_dir: Path | None = None,
     journal_runs: list[Path] | None = None,
-    tracking: str = DIRECT,
     sync_timeout: float = DEFAULT_SYNC_TIMEOUT_S,
 ) -> list[Outcome]:
     """Train a pack of specs (usually one) to completion as MLflow runs.
@@ -172,7 +168,8 @@ def run_specs(
     `extra_tags` go on newly created runs (e.g. `mlflow.parentRunId` for tuning trials);
     `on_epoch(student, epoch, metrics)` runs after each logged epoch and may raise to stop
     (Optuna's pruning), which ends the runs as FAILED with the exception as `kd.error`.
-    `compile`: fuse the models' kernels with torch.compile (`kd/engine/compiled.py`).
+    `options`: device, precision, compile (`kd/engine/compiled.py`), the collapse watch, cuDNN
+    determinism and the tracking mode, as one RunOptions (default: its defaults).
     A student that diverges, or collapses (no accuracy of `collapse_after` epochs in a row reaches
     2x chance, on the validation split if there is one; 0: never), ends FAILED at once while the rest of the pack trains on; the
     first such error is raised once the others have finished.
@@ -180,24 +177,22 @@ def run_specs(
     Tracking: by default each run is found or created in the store, and its journal (under
     `journal_dir`, default kd/tracking/journal.py's root) is shipped by a background sender; the
     end waits `sync_timeout` s for an away store, then returns with the runs unsynced.
-    `tracking="journal"`: the store is never opened; the runs are `journal_runs`, the folders the
+    `options.tracking="journal"`: the store is never opened; the runs are `journal_runs`, the folders the
     submitter prepared, or else new local folders that `kd sync` creates in the store later.
     """
-    if collapse_after < 0:
-        raise SpecError(f"collapse_after {collapse_after} is negative: pass --collapse-after 0 (never) or more")
+    options = options or RunOptions()
     check_pack(specs)
     first = specs[0]
-    dev = pick_device(device)
-    check_precision(precision)
-    amp = Precision.for_device(dev, precision)
-    set_cudnn_deterministic(cudnn_deterministic)
+    dev = pick_device(options.device)
+    amp = Precision.for_device(dev, options.precision)
+    set_cudnn_deterministic(options.cudnn_deterministic)
     root = journal_dir or journal_root()
-    local = tracking == JOURNAL_ONLY and not journal_runs  # started by hand, without the store
+    local = options.tracking == JOURNAL_ONLY and not journal_runs  # started by hand, without the store
     if local and any(s.teacher and not s.teacher_weights for s in specs):
         raise SpecError("a student trained without the store (--tracking journal) needs --teacher-weights: "
                         "its registered teacher is in the store")
     client = None
-    if tracking == DIRECT:
+    if options.tracking == DIRECT:
         check_writable()
         client = get_client()
     sender = Sender(client) if client is not None else None
@@ -240,8 +235,8 @@ def run_specs(
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.set_tags({T.INIT_SOURCE: init_source})
                 students.append(make_student(spec, tracker, model, method, amp, graphed=mode == fast.GRAPH))
-                students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if compile else compiled.OFF,
-                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(cudnn_deterministic).lower(),
+                students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if options.compile else compiled.OFF,
+                                  T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(options.cudnn_deterministic).lower(),
                                   **provenance})
                 tracker.record("inputs", inputs=inputs)
                 tracker.record("describe", spec=spec.to_dict(), teacher_run=teacher_run if spec in taught else None)
@@ -250,7 +245,8 @@ def run_specs(
                     pretrain_once(student, teacher, data, should_stop)
                 trainer = fast.make_trainer(students, data, modes, teacher=teacher, precision=amp,
                                             should_stop=should_stop, progress=progress, on_epoch=on_epoch,
-                                            forwards=compiled.CompiledForwards(compile), collapse_after=collapse_after)
+                                            forwards=compiled.CompiledForwards(options.compile),
+                                            collapse_after=options.collapse_after)
                 trainer.run()
             outcomes = [finish(s, shape) for s in students if trainer.alive(s)]
             crash_point("finished")

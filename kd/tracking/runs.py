@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
 from kd.errors import SpecError
-from kd.spec import RunSpec
+from kd.spec import TRACKING_MODES, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import LOCAL_PREFIX, Journal, WriterLock, journal_folders, local_state
 from kd.tracking.ledger import Ledger, owner_id
@@ -31,7 +31,7 @@ from kd.tracking.store import experiment_id, get_client
 if TYPE_CHECKING:
     from kd.tracking.sender import Sender
 
-DIRECT, JOURNAL_ONLY = "direct", "journal"
+DIRECT, JOURNAL_ONLY = TRACKING_MODES
 TRACKING_MODES = (DIRECT, JOURNAL_ONLY)
 CREATION_WAIT_S = 30.0  # how long a process that lost the creation claim waits for the winner's run
 LEASE_SECONDS = 180  # a RUNNING run whose heartbeat is younger than this is being trained now
@@ -220,6 +220,10 @@ class RunTracker:
                 raise busy(spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
             if latest is not None and latest.info.status != "FINISHED" and not force:
                 run_id, resume = latest.info.run_id, True
+                folder = journal_root / run_id
+                if folder.is_dir() and local_state(folder)["status"] == "FINISHED":  # ended while the store was away
+                    raise AlreadyFinished(f"spec {spec.key()} already trained in run {run_id}: FINISHED in its journal "
+                                          f"{folder}, not yet in the store: `kd sync` ships it", latest, spec)
                 if attach_run_id and attach_run_id != run_id:
                     client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
                 break

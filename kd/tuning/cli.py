@@ -13,8 +13,8 @@ import os
 from typing import Any
 
 from kd.errors import SpecError
-from kd.flags import add_spec_flags, flag, spec_from_args
-from kd.spec import RunSpec
+from kd.flags import add_option_flags, add_spec_flags, flag, spec_from_args
+from kd.spec import RunOptions, RunSpec
 from kd.tuning import PRUNERS, SAMPLERS
 
 DEFAULT_TRIALS = 40
@@ -60,8 +60,7 @@ def register(sub: Any) -> None:
     w.add_argument(*flag("max_retry"), type=int, default=2, help="retries of a lost trial (default 2)")
     w.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
                    help="MLflow experiment of a new study (default kd)")
-    w.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    w.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as for kd distill)")
+    add_option_flags(w)
     w.add_argument(*flag("data_root"), default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     p.set_defaults(func=tune)
 
@@ -82,7 +81,7 @@ def tune(args: argparse.Namespace) -> int:
         check_teacher(config.base)
     storage = absolute(args.storage or default_storage())
     worker = Worker(study=args.study or default_study_name(config.base), storage=storage,
-                    experiment=args.experiment, device=args.device, precision=args.precision, worker=args.worker,
+                    experiment=args.experiment, options=RunOptions.from_values(args), worker=args.worker,
                     heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                     max_retry=args.max_retry, attach_run_id=os.environ.get("MLFLOW_RUN_ID"))
     if args.create_only:

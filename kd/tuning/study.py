@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from kd.engine.job import run_specs
 from kd.engine.trainer import Stopped, Student, TrainingDiverged
 from kd.errors import SpecError
-from kd.spec import RunSpec
+from kd.spec import RunOptions, RunSpec
 from kd.tracking.registry import MissingTeacher, teacher_run_id, teacher_uri
 from kd.tracking.runs import RunRefused
 from kd.tracking.store import experiment_id, get_client
@@ -107,8 +107,7 @@ class Worker:
     study: str
     storage: str
     experiment: str = "kd"
-    device: str = "auto"
-    precision: str = "auto"
+    options: RunOptions = dataclasses.field(default_factory=RunOptions)  # how its trials compute
     worker: int | None = None  # distinct sampler seeds for workers started together
     heartbeat_interval: int = 60
     grace_period: int = 300
@@ -286,8 +285,7 @@ class Objective:
 
         state = "FAIL"
         try:
-            run_specs([spec], experiment=self.experiment, device=self.w.device, precision=self.w.precision,
-                      force=True, progress=False, extra_tags=tags, on_epoch=on_epoch)
+            run_specs([spec], experiment=self.experiment, options=self.w.options, force=True, progress=False, extra_tags=tags, on_epoch=on_epoch)
             state = "COMPLETE"
             return last["val_acc"]
         except optuna.TrialPruned:

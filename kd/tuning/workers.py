@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from kd.spec import RunOptions
 from kd.tuning.storage import absolute
 
 
-def tune_worker_command(study: str, storage: str, worker: int, *, device: str = "auto", precision: str = "auto",
+def tune_worker_command(study: str, storage: str, worker: int, *, options: RunOptions | None = None,
                         python: str = sys.executable, heartbeat_interval: int | None = None,
                         grace_period: int | None = None) -> list[str]:
     """The argv of one worker job on an existing study (`kd submit --tune STUDY --workers K`).
@@ -16,7 +17,7 @@ def tune_worker_command(study: str, storage: str, worker: int, *, device: str = 
     reachable from the node (PostgreSQL, or journal:PATH on a shared filesystem).
     """
     argv = [python, "-m", "kd.cli", "tune", "--join", "--study", study, "--storage", absolute(storage),
-            "--worker", str(worker), "--device", device, "--precision", precision]
+            "--worker", str(worker), *(options or RunOptions()).argv(tracking=False)]
     if heartbeat_interval is not None:
         argv += ["--heartbeat-interval", str(heartbeat_interval)]
     if grace_period is not None:
