@@ -203,13 +203,8 @@ def run_specs(
         if first.batch_size > len(data.train):  # a typo, not a recipe: refused before any run
             raise SpecError(f"batch_size {first.batch_size} is larger than the training set of {first.dataset} "
                             f"({len(data.train)} images): pass --batch-size {len(data.train)} or less")
-        teacher, source, teacher_run = (None, None, None)
         taught = [s for s in specs if s.teacher or s.teacher_weights]
-        if taught:
-            spec = taught[0]
-            found = (journal_teacher(journal_runs[specs.index(spec)]) if journal_runs and not spec.teacher_weights
-                     else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
-            teacher, source, teacher_run = load_teacher(spec, data, dev, found)
+        teacher, source, teacher_run = pack_teacher(taught, specs, data, dev, client, tmp, experiment, journal_runs)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
         shape = model_shape(data.num_classes, data.in_channels, data.image_size)
@@ -252,16 +247,7 @@ def run_specs(
             crash_point("finished")
         except BaseException as err:
             dropped = {s.tracker.run_id for s in students if trainer is not None and not trainer.alive(s)}
-            for t in trackers:
-                if t.run_id in dropped:  # ended FAILED already, when it left the pack
-                    continue
-                try:
-                    if isinstance(err, Stopped) or infrastructure_failure(err):
-                        t.end("KILLED", str(err) if isinstance(err, Stopped) else f"{type(err).__name__}: {err}")
-                    else:
-                        t.end("FAILED", f"{type(err).__name__}: {err}")
-                except JournalError:  # the journal's own filesystem failed: the run stays stale, then resumed
-                    pass
+            end_stopped([t for t in trackers if t.run_id not in dropped], err)  # dropped: FAILED when they left
             close(trackers, sender, sync_timeout)
             raise
         close(trackers, sender, sync_timeout, outcomes)
@@ -270,6 +256,32 @@ def run_specs(
         others = f" ({len(outcomes)} other run(s) of the pack finished)" if outcomes else ""
         raise TrainingDiverged(f"{first}{others}")
     return outcomes
+
+
+def pack_teacher(taught: list[RunSpec], specs: list[RunSpec], data: DeviceData, dev: torch.device,
+                 client: MlflowClient | None, tmp: Path, experiment: str, journal_runs: list[Path] | None,
+                 ) -> tuple[torch.nn.Module | None, str | None, str | None]:
+    """(teacher, where it comes from, its run) of the pack's taught students; Nones when none is taught.
+    A journal-only student takes the copy in its folder, any other the registry's (or its weights file)."""
+    if not taught:
+        return None, None, None
+    spec = taught[0]
+    found = (journal_teacher(journal_runs[specs.index(spec)]) if journal_runs and not spec.teacher_weights
+             else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
+    return load_teacher(spec, data, dev, found)
+
+
+def end_stopped(trackers: list[RunTracker], err: BaseException) -> None:
+    """End runs that `err` stopped: KILLED for a stop (SIGTERM) or the infrastructure, to be resumed;
+    FAILED for what would fail again."""
+    for t in trackers:
+        try:
+            if isinstance(err, Stopped) or infrastructure_failure(err):
+                t.end("KILLED", str(err) if isinstance(err, Stopped) else f"{type(err).__name__}: {err}")
+            else:
+                t.end("FAILED", f"{type(err).__name__}: {err}")
+        except JournalError:  # the journal's own filesystem failed: the run stays stale, then resumed
+            pass
 
 
 def close(trackers: list[RunTracker], sender: Sender | None, timeout: float,
