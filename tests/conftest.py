@@ -48,3 +48,13 @@ def mlflow_run(entry_point: str, **params: object) -> subprocess.CompletedProces
         ["mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", "--experiment-name", "kd", *pairs],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first (marked slow, and the Slurm group): two xdist workers then finish
+    together instead of one waiting on the other's last long test."""
+    def late(item: pytest.Item) -> bool:
+        group = item.get_closest_marker("xdist_group")
+        return item.get_closest_marker("slow") is None and not (group and group.args == ("slurm",))
+
+    items.sort(key=late)

@@ -25,6 +25,9 @@ from kd.spec import RunSpec, SpecError
 from kd.tracking.runs import spec_tags
 from kd.tracking.store import experiment_id, get_client
 
+# one worker: its session fixtures train once, not once per xdist worker
+pytestmark = pytest.mark.xdist_group("analysis")
+
 # Final test accuracies by (dataset, model, teacher, method, alpha) and seed. The test's own
 # arithmetic below is the reference the tables must match.
 TEACHERS = {0: 92.0, 1: 93.0, 2: 94.5}

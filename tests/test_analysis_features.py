@@ -31,6 +31,9 @@ from kd.spec import RunSpec, SpecError
 from kd.tracking.store import get_client
 from tests.conftest import CPU
 
+# one worker: its module fixtures train once, not once per xdist worker
+pytestmark = pytest.mark.xdist_group("analysis_features")
+
 ROOT = Path(__file__).resolve().parents[1]
 rng = np.random.default_rng(0)
 

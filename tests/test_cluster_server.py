@@ -42,6 +42,7 @@ def healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sixteen_trainings_log_every_point_through_the_server(tmp_path):
     port, artifacts = free_port(), tmp_path / "shared" / "mlartifacts"
     url = f"http://127.0.0.1:{port}"

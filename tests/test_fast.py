@@ -37,6 +37,9 @@ from kd.models import create_model
 from kd.spec import RunOptions, RunSpec
 from tests.conftest import CPU
 
+# one worker: its module fixtures train once, not once per xdist worker
+pytestmark = pytest.mark.xdist_group("fast")
+
 COMMON = dict(dataset="digits", model="ResNet8", epochs=2, batch_size=48, train_limit=320)  # 6 full + 1 short
 
 
@@ -247,7 +250,7 @@ def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack
             values = [v for _, v in history]
             if key.endswith("_acc"):  # in percent: 1.0 ~ 3 digits images
                 close = pytest.approx(values, abs=1.0)
-            elif key == "loss_kd":
+            elif key in ("loss_kd", "loss_distill"):  # the compiled runs are pure and logit: loss_distill is loss_kd
                 close = pytest.approx(values, abs=DRIFT * KD_TEMPERATURE**2 * math.log(10))
             else:
                 close = pytest.approx(values, rel=DRIFT)

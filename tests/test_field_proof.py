@@ -135,6 +135,7 @@ def wait_until(condition, timeout: float = 300, what: str = "") -> None:
         time.sleep(0.25)
 
 
+@pytest.mark.slow
 def test_a_store_outage_does_not_stop_training_and_loses_nothing(any_server, tmp_path):
     """The server is killed at epoch 2 and started again only after the job has trained 4 more epochs
     (far past MLflow's retry window as kd sets it, 3 requests in about 3 s): the run finishes, and its
@@ -169,6 +170,7 @@ def test_a_store_outage_does_not_stop_training_and_loses_nothing(any_server, tmp
     print(f"outage {(up - down) / 1000:.1f} s, epochs trained during it: {trained_down}")
 
 
+@pytest.mark.slow
 def test_kill_9_while_the_store_is_away_resumes_from_the_journal(server, tmp_path):
     epochs = ("--epochs", "8")
     reference = run_kd(*TEACHER, *epochs, "--experiment", "reference")
@@ -190,6 +192,7 @@ def test_kill_9_while_the_store_is_away_resumes_from_the_journal(server, tmp_pat
     assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id in (run_id, ref.info.run_id)
 
 
+@pytest.mark.slow
 def test_a_job_that_ends_while_the_store_is_away_is_synced_later(server, tmp_path):
     """Exit 0 with the run unsynced; `kd sync` makes it FINISHED with every epoch and registers the
     teacher; a second job's journal is shipped by one `kd submit` round instead."""

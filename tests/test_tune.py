@@ -25,6 +25,9 @@ from kd.tuning.storage import open_storage
 from kd.tuning.workers import tune_worker_command
 from tests.conftest import CPU
 
+# one worker: its module fixtures train once, not once per xdist worker
+pytestmark = pytest.mark.xdist_group("tune")
+
 EXPERIMENT = "tune"
 TINY = ["--dataset", "digits", "--method", "rkd", "--teacher", "ResNet8", "--student", "ResNet8",
         "--batch-size", "64", "--train-limit", "320", "--device", "cpu", "--experiment", EXPERIMENT]

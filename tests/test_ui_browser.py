@@ -38,6 +38,7 @@ def wait_for(url: str, seconds: float = 90) -> None:
             time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_the_demo_link_shows_the_demo_runs_with_their_method(store, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
