@@ -238,10 +238,10 @@ def test_inductor_compiled_runs_match_the_eager_ones(teacher_weights, eager_pack
     of it on one CPU). The compiled part is the forward: a wrong one moves loss_ce, train_loss and
     test_loss by far more than 3e-3 of themselves.
     """
-    compiled = RunOptions(device="cpu", compile=True)
-    solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", options=compiled, progress=False)
+    fused = RunOptions(device="cpu", compile=True)
+    solo = run_specs([kd_spec(teacher_weights, "logit")], experiment="compiled-solo", options=fused, progress=False)
     as_on_a_gpu(Uncaptured())
-    packed = run_specs(pack(teacher_weights)[:2], experiment="compiled-graphed", options=compiled, progress=False)
+    packed = run_specs(pack(teacher_weights)[:2], experiment="compiled-graphed", options=fused, progress=False)
     for outcome, want in [(solo[0], eager_pack[1]), (packed[0], eager_pack[0]), (packed[1], eager_pack[1])]:
         got = histories(outcome.run_id)
         assert got.keys() == want.keys()
