@@ -124,7 +124,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking", choices=TRACKING_MODES, default=RunOptions().tracking,
+    parser.add_argument("--tracking", choices=TRACKING_MODES, default=RunOptions.tracking,
                         help="direct: ship the run's journal to the store while training (default); journal: "
                              "never open the store (kd job: the submitter ingests it; kd train: kd sync does)")
     parser.add_argument("--journal-dir", "--journal_dir", default=None,

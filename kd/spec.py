@@ -34,7 +34,7 @@ COLLAPSE_FACTOR = 2.0
 DEFAULT_COLLAPSE_AFTER = 10  # epochs; 0: never stop a run for not learning
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # how a run computes, not what it is: not in the spec's key
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device and the job setting device
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device, the job setting device
 
 
 def check_precision(precision: str) -> None:
@@ -42,9 +42,9 @@ def check_precision(precision: str) -> None:
         raise SpecError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
 
 
-def check_device(device: str, name: str = "--device") -> None:
+def check_device(device: str) -> None:
     if not DEVICE.fullmatch(device):
-        raise SpecError(f"{name} {device!r} is not a device: use auto, cpu, cuda or cuda:N")
+        raise SpecError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
 TRACKING_MODES = ("direct", "journal")  # the job ships its journal to the store | never opens the store

@@ -96,8 +96,9 @@ class Ledger:
         params = self.client.get_run(self.run_id).data.params
         return {k: v for k, v in params.items() if k.startswith(prefix)}
 
-    def generations(self, prefix: str) -> dict[int, str]:
-        """The holders of `prefix/<n>`, by n: a lease or a registration is taken over by claiming
-        the generation after the latest, so of two successors at the same instant one wins."""
-        found = {k.removeprefix(prefix + "/"): v for k, v in self.claims(prefix + "/").items()}
+    def generations(self, prefix: str, claims: dict[str, str] | None = None) -> dict[int, str]:
+        """The holders of `prefix/<n>`, by n (from `claims` if already read): a lease or a registration
+        is taken over by claiming the generation after the latest, so of two successors at once one wins."""
+        claims = self.claims(prefix + "/") if claims is None else claims
+        found = {k.removeprefix(prefix + "/"): v for k, v in claims.items()}
         return {int(n): v for n, v in found.items() if n.isdigit()}

@@ -56,10 +56,11 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
         return None
     ledger = Ledger(client)
     prefix = f"{run_id}/register"
-    holders = ledger.generations(prefix)
+    claims = ledger.claims(prefix + "/")  # one read: the generations and whether the latest is done
+    holders = ledger.generations(prefix, claims)
     latest = max(holders, default=0)
     holder, _, stamp = holders.get(latest, "").rpartition("@")
-    done = bool(ledger.claims(f"{prefix}/{latest}/done"))
+    done = f"{prefix}/{latest}/done" in claims
     if holder == PROCESS and not done:
         generation = latest  # our own claim, from an attempt the store failed: retry it
     else:  # claimed before: in progress elsewhere, unless done (and the entry deleted since) or abandoned

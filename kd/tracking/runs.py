@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from kd.tracking.sender import Sender
 
 DIRECT, JOURNAL_ONLY = TRACKING_MODES
-TRACKING_MODES = (DIRECT, JOURNAL_ONLY)
 CREATION_WAIT_S = 30.0  # how long a process that lost the creation claim waits for the winner's run
 LEASE_SECONDS = 180  # a RUNNING run whose heartbeat is younger than this is being trained now
 
