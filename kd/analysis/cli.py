@@ -103,8 +103,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from kd.analysis.collect import log_analysis
     from kd.analysis.features import measure, write_features
-    from kd.engine.job import pick_device
     from kd.tracking.store import get_client
+    from kd.tracking.system import pick_device
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root

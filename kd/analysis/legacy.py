@@ -27,8 +27,8 @@ from mlflow.entities import Metric, Param, RunTag
 from kd.analysis import LEGACY_EXPERIMENT
 from kd.analysis.collect import search_all
 from kd.data import DATASETS
-from kd.engine.trainer import LOSS_TOTAL
 from kd.errors import SpecError
+from kd.methods.base import LOSS_TOTAL
 from kd.models import MODELS, create_model
 from kd.models.weights import load_weights_only
 from kd.spec import RunSpec

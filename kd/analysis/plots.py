@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from kd.analysis.collect import histories, training_runs
 from kd.analysis.tables import Panel, best_kd, panel, panels
-from kd.engine.trainer import LOSS_CE
+from kd.methods.base import LOSS_CE
 from kd.tracking import tags as T
 
 P, R = ParamSpec("P"), TypeVar("R")

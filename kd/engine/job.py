@@ -42,7 +42,7 @@ from kd.methods import Method, build_method
 from kd.models import create_model
 from kd.models.vit import start_weights
 from kd.models.weights import fit_state_dict, load_state_dict_file, load_weights_only
-from kd.spec import PACK_FIELDS, RunOptions, RunSpec, check_device
+from kd.spec import PACK_FIELDS, RunOptions, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import JournalError, journal_root, prune
 from kd.tracking.logged_models import model_shape
@@ -51,7 +51,7 @@ from kd.tracking.registry import resolve_teacher
 from kd.tracking.runs import DIRECT, JOURNAL_ONLY, RunTracker, local_run_folder, read_json, runs_by_key
 from kd.tracking.sender import REGISTERED, Sender
 from kd.tracking.store import DEFAULT_EXPERIMENT, check_writable, get_client
-from kd.tracking.system import SystemSampler
+from kd.tracking.system import SystemSampler, pick_device
 
 DEFAULT_SYNC_TIMEOUT_S = 180.0  # how long a job's end waits for an away store before exiting unsynced
 
@@ -64,15 +64,6 @@ class Outcome:
     final_acc: float
     registered: str | None = None
     unsynced: int = 0  # records still in the journal when the job ended (the store was away)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError("--device cuda but no CUDA GPU is visible: pass --device cpu or run on a GPU node")
-    return torch.device(name)
 
 
 def check_pack(specs: list[RunSpec]) -> None:

@@ -28,13 +28,11 @@ from kd.data.loader import DeviceData, Split
 from kd.engine.checkpoint import CheckpointStore
 from kd.engine.compiled import CompiledForwards
 from kd.faults import crash_point
-from kd.methods.base import Method
+from kd.methods.base import LOSS_CE, LOSS_DISTILL, LOSS_TOTAL, Method
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.runs import RunTracker
 
-# The loss metrics every method logs (docs/methods.md); each method adds its own terms.
-LOSS_TOTAL, LOSS_CE, LOSS_DISTILL = "loss_total", "loss_ce", "loss_distill"
 MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
 
 

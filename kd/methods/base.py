@@ -35,6 +35,10 @@ def one_of(*choices: str) -> Rule:
 
 NOT_NEGATIVE = at_least(0)  # every *_weight: a negative weight turns distillation into its opposite
 
+# The loss metrics every method's runs log (docs/methods.md), beside each method's own terms; here,
+# below the engine that computes them, so that analysis can name them without importing the engine.
+LOSS_TOTAL, LOSS_CE, LOSS_DISTILL = "loss_total", "loss_ce", "loss_distill"
+
 
 class Method(nn.Module):
     """Base of every method. What a method says of itself, as class attributes and hooks:

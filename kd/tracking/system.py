@@ -15,11 +15,25 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
+from kd.errors import SpecError
+from kd.spec import check_device
+
 if TYPE_CHECKING:
     from kd.tracking.runs import RunTracker
 
 POINTS = 200
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 60.0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device `--device` names (auto: the GPU if one is visible); here, below the engine and
+    the analysis, which both compute on it."""
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError("--device cuda but no CUDA GPU is visible: pass --device cpu or run on a GPU node")
+    return torch.device(name)
 
 
 def sample() -> dict[str, float]:
