@@ -225,7 +225,7 @@ class Sender:
 def sync_journals(roots: list[Path], client: MlflowClient | None = None) -> bool:
     """`kd sync` and every submit round: ship every journal under roots; one line per run shipped or
     refused. False if any journal could not be shipped (the others are shipped regardless)."""
-    from kd.tracking.store import get_client  # the store module checks the URI: only when syncing
+    from kd.tracking.store import get_client  # late by habit, not need: kd.tracking.runs above loads it
 
     folders = [f for f in journal_folders(roots) if pending(f)]
     if not folders:
