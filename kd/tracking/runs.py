@@ -49,7 +49,7 @@ class AlreadyFinished(RunRefused):
 
 
 def spec_tags(spec: RunSpec) -> dict[str, str]:
-    """The searchable identity of a run (ARCHITECTURE.md contract 2), spelled as its params."""
+    """The searchable identity of a run (the tags in docs/architecture.md), spelled as its params."""
     params = spec.params()
     tags = {T.KEY: spec.key(), T.ROLE: spec.role, T.DATASET: spec.dataset, T.MODEL: spec.model,
             T.METHOD: spec.method, T.ALPHA: params["alpha"], T.SEED: params["seed"]}
