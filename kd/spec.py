@@ -311,9 +311,9 @@ def _as_declared(method: str, options: dict[str, Any]) -> dict[str, Any]:
 def registries() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """DATASETS, MODELS, METHODS: what a spec's names and options are checked against.
 
-    The one import of kd's own modules inside a function, and the one arrow from the spec up to
-    the registries (docs/architecture.md, "Layers"): they import torch, and `kd --help` reads
-    RunSpec's fields without loading torch. The registries themselves never import the spec.
+    Imported here, not at the top: the registries sit below the spec (docs/architecture.md,
+    "Layers") but import torch, and `kd --help` reads RunSpec's fields without loading torch.
+    The registries themselves never import the spec.
     """
     from kd.data import DATASETS  # lazy: torch; `kd --help` builds its flags from RunSpec without it
     from kd.methods import METHODS  # lazy: torch
