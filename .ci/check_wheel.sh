@@ -28,7 +28,8 @@ import sysconfig
 
 import kd
 import kd.cluster.templates as templates
-from kd.cluster.templates import JobSettings, render
+from kd.cluster.schedulers import get_scheduler
+from kd.cluster.templates import JobSettings
 
 site, repo = sysconfig.get_paths()["purelib"], os.environ["KD_REPO"]
 assert list(kd.__path__) == [os.path.join(site, "kd")], f"kd comes from {kd.__path__}, not the wheel in {site}"
@@ -38,7 +39,8 @@ print(f"kd from the wheel: {templates.__file__}")
 s = JobSettings(venv="/opt/kd-venv", workdir="/scratch/kd", data_root="/data", jobs_dir="/scratch/jobs",
                 queue="gpu", partition="gpu").resolved()
 for kind, header in (("pbs", "#PBS -l walltime=02:00:00"), ("slurm", "#SBATCH --time=02:00:00"), ("local", "")):
-    script = render(kind, s, "kd-wheel", ["kd", "job", "--run-id", "ab" * 16], {"OMP_NUM_THREADS": "8"})
+    argv = ["kd", "job", "--run-id", "ab" * 16]
+    script = get_scheduler(kind).script(s, "kd-wheel", argv, {"OMP_NUM_THREADS": "8"})
     assert header in script and script.rstrip().endswith("exec kd job --run-id " + "ab" * 16), script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     print(f"{kind}: {len(script.splitlines())} lines rendered from the wheel's templates")

@@ -39,19 +39,9 @@ from kd.cluster.planner import (
     observe,
     plan,
 )
-from kd.cluster.schedulers import (
-    PBS_JOB_ID,
-    SLURM_JOB_ID,
-    Local,
-    Pbs,
-    SchedulerError,
-    Slurm,
-    parse_qstat,
-    parse_squeue,
-    parse_submit,
-)
+from kd.cluster.schedulers import SCHEDULERS, Local, Pbs, SchedulerError, Slurm
 from kd.cluster.server import server_argv
-from kd.cluster.templates import JobSettings, render
+from kd.cluster.templates import JobSettings
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
 from kd.tracking.registry import teacher_run_id
@@ -200,39 +190,40 @@ SLURM_QSTAT = (  # recorded from this CI's slurm-wlm-torque qstat, trailing blan
 
 def test_pbs_pro_and_openpbs_qstat_dialects():
     pbs = Pbs()
-    states = parse_qstat(PBSPRO_QSTAT, "qstat: Unknown Job Id 12347.server\n", 153)
+    states = pbs.parse_qstat(PBSPRO_QSTAT, "qstat: Unknown Job Id 12347.server\n", 153)
     assert states == {"12345": "R", "12346": "Q", "1234567": "H"}
     assert all(pbs.is_live(s) for s in states.values())
-    assert parse_qstat(PBSPRO_QSTAT_X, "", 0) == {"12345": "F"} and not pbs.is_live("F")
-    assert parse_qstat("", "qstat: Unknown Job Id 12345.server\n", 153) == {}
+    assert pbs.parse_qstat(PBSPRO_QSTAT_X, "", 0) == {"12345": "F"} and not pbs.is_live("F")
+    assert pbs.parse_qstat("", "qstat: Unknown Job Id 12345.server\n", 153) == {}
     history = "qstat: 12345.server Job has finished, use -x or -H to obtain historical job information\n"
-    assert parse_qstat("", history, 35) == {}
+    assert pbs.parse_qstat("", history, 35) == {}
     with pytest.raises(SchedulerError, match="qstat failed .exit 1.: Connection refused"):
-        parse_qstat("", "Connection refused\nqstat: cannot connect to server pbs01 (errno=15010)\n", 1)
+        pbs.parse_qstat("", "Connection refused\nqstat: cannot connect to server pbs01 (errno=15010)\n", 1)
 
 
 def test_slurm_qstat_wrapper_and_squeue():
-    assert parse_qstat(SLURM_QSTAT, "", 0) == {"26": "C", "27": "R"}
-    assert parse_qstat("", "", 153) == {}  # the wrapper once the job is gone: nothing, exit 153
-    assert parse_squeue("26 COMPLETED\n27 RUNNING\n28 PENDING\n", "", 0) == {
+    assert Pbs.parse_qstat(SLURM_QSTAT, "", 0) == {"26": "C", "27": "R"}
+    assert Pbs.parse_qstat("", "", 153) == {}  # the wrapper once the job is gone: nothing, exit 153
+    assert Slurm.parse_squeue("26 COMPLETED\n27 RUNNING\n28 PENDING\n", "", 0) == {
         "26": "COMPLETED", "27": "RUNNING", "28": "PENDING"}
-    assert parse_squeue("", "slurm_load_jobs error: Invalid job id specified\n", 1) == {}
+    assert Slurm.parse_squeue("", "slurm_load_jobs error: Invalid job id specified\n", 1) == {}
     with pytest.raises(SchedulerError, match="squeue failed"):
-        parse_squeue("", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n", 1)
+        Slurm.parse_squeue("", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n", 1)
     slurm = Slurm()
     assert [slurm.is_live(s) for s in ("PENDING", "RUNNING", "COMPLETING", "SUSPENDED")] == [True] * 4
     assert [slurm.is_live(s) for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "CANCELLED+")] == [False] * 5
 
 
 def test_submit_outputs():
-    assert parse_submit("12345.server\n", 0, PBS_JOB_ID, "qsub") == "12345.server"
-    assert parse_submit("77\n", 0, PBS_JOB_ID, "qsub") == "77"
-    assert parse_submit("77;kdci\n", 0, SLURM_JOB_ID, "sbatch") == "77"
+    pbs, slurm = Pbs(), Slurm()
+    assert pbs.parse_submit("12345.server\n", 0) == "12345.server"
+    assert pbs.parse_submit("77\n", 0) == "77"
+    assert slurm.parse_submit("77;kdci\n", 0) == "77"
     wrapper_error = "There was an error running the Slurm sbatch command.\nThe command was:\n'/usr/bin/sbatch x'\n"
     with pytest.raises(SchedulerError, match="qsub failed .exit 1.: There was an error running the Slurm sbatch"):
-        parse_submit(wrapper_error, 1, PBS_JOB_ID, "qsub")
+        pbs.parse_submit(wrapper_error, 1)
     with pytest.raises(SchedulerError):
-        parse_submit("qsub: Job exceeds queue resource limits\n", 0, PBS_JOB_ID, "qsub")
+        pbs.parse_submit("qsub: Job exceeds queue resource limits\n", 0)
 
 
 # ----------------------------------------------------------------------------------------- job scripts
@@ -246,9 +237,9 @@ def settings(**values) -> JobSettings:
 def test_pbs_and_slurm_scripts_carry_the_resources():
     s = settings(queue="gpu_1", project="CSCI1234", partition="gpu", constraint="v100", modules=["cuda/12.1"])
     env = {"MLFLOW_TRACKING_URI": "postgresql://kd:pw@db:5432/mlflow?sslmode=require&x=1"}
-    pbs = render("pbs", s, "kd-x", ["kd", "job", "--run-id", "ab" * 16], env)
+    pbs = Pbs().script(s, "kd-x", ["kd", "job", "--run-id", "ab" * 16], env)
     assert "#PBS -l select=1:ncpus=8:ngpus=1:mem=16gb\n#PBS -l walltime=02:00:00\n#PBS -q gpu_1\n#PBS -P CSCI1234" in pbs
-    slurm = render("slurm", s, "kd-x", ["kd", "job"], env)
+    slurm = Slurm().script(s, "kd-x", ["kd", "job"], env)
     for line in ("#SBATCH --time=02:00:00", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=16G",
                  "#SBATCH --partition=gpu", "#SBATCH --account=CSCI1234", "#SBATCH --gres=gpu:1",
                  "#SBATCH --constraint=v100"):
@@ -258,7 +249,7 @@ def test_pbs_and_slurm_scripts_carry_the_resources():
         assert "export MLFLOW_TRACKING_URI='postgresql://kd:pw@db:5432/mlflow?sslmode=require&x=1'" in script
         assert script.rstrip().endswith("exec kd job" + (" --run-id " + "ab" * 16 if script is pbs else ""))
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    scratch = render("slurm", settings(scratch=True, gpus=0, venv=None, conda_env="kd"), "kd-x", ["kd"], {})
+    scratch = Slurm().script(settings(scratch=True, gpus=0, venv=None, conda_env="kd"), "kd-x", ["kd"], {})
     assert 'cd "${TMPDIR:-/tmp}"' in scratch and "conda activate kd" in scratch and "gres" not in scratch
 
 
@@ -274,10 +265,11 @@ def test_job_templates_are_package_data_read_from_the_package_not_the_checkout(t
         assert (shipped / template.name).read_text() == template.read_text()
     shutil.copytree(root / "kd", tmp_path / "site" / "kd", ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import sys, kd.cluster.templates as t\n"
-            "from kd.cluster.templates import JobSettings, render\n"
+            "from kd.cluster.schedulers import SCHEDULERS\n"
+            "from kd.cluster.templates import JobSettings\n"
             "s = JobSettings(venv='/v', workdir='/w', data_root='/d', jobs_dir='/j').resolved()\n"
             "print(t.__file__)\n"
-            "for kind in ('pbs', 'slurm', 'local'): print(render(kind, s, 'kd-x', ['kd', 'job'], {}))\n")
+            "for scheduler in SCHEDULERS.values(): print(scheduler().script(s, 'kd-x', ['kd', 'job'], {}))\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -314,19 +306,38 @@ def test_a_venv_in_home_may_be_written_as_in_a_shell():
         JobSettings.create({"venv": "~alice/kd-venv"})  # another user's home: not expanded, rejected
 
 
-def test_values_with_spaces_are_quoted_and_work(tmp_path):
-    """A venv and a work dir with spaces: the rendered script activates and cds into them."""
-    venv, workdir = tmp_path / "my env", tmp_path / "work dir"
+def fake_kd_venv(venv: Path) -> Path:
+    """A venv whose `kd` prints where and how it was called instead of training."""
     (venv / "bin").mkdir(parents=True)
-    workdir.mkdir()
     (venv / "bin" / "kd").write_text('#!/bin/bash\necho "cwd=$PWD args=$* uri=$MLFLOW_TRACKING_URI"\n')
     (venv / "bin" / "kd").chmod(stat.S_IRWXU)
     (venv / "bin" / "activate").write_text(f'export PATH={shlex.quote(str(venv / "bin"))}:"$PATH"\n')
+    return venv
+
+
+def test_values_with_spaces_are_quoted_and_work(tmp_path):
+    """A venv and a work dir with spaces: the rendered script activates and cds into them."""
+    venv, workdir = fake_kd_venv(tmp_path / "my env"), tmp_path / "work dir"
+    workdir.mkdir()
     s = JobSettings.create({"venv": str(venv), "workdir": str(workdir), "jobs_dir": str(tmp_path)}).resolved()
-    script = render("local", s, "kd-x", ["kd", "job", "--run-id", "a b"], {"MLFLOW_TRACKING_URI": "sqlite:////x y/m.db"})
+    script = Local().script(s, "kd-x", ["kd", "job", "--run-id", "a b"], {"MLFLOW_TRACKING_URI": "sqlite:////x y/m.db"})
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"cwd={workdir} args=job --run-id a b uri=sqlite:////x y/m.db" in done.stdout
+
+
+def test_each_scheduler_reads_the_job_id_from_its_own_variable(tmp_path):
+    """A scheduler is one class with its template and job-id variable: its job says its own id,
+    even where another scheduler's variable is set too (Slurm's PBS wrapper sets both)."""
+    s = JobSettings.create({"venv": str(fake_kd_venv(tmp_path / "venv")), "workdir": str(tmp_path)}).resolved()
+    env = {**os.environ, "PBS_JOBID": "12345.server", "SLURM_JOB_ID": "77"}
+    said = {}
+    for name, scheduler in SCHEDULERS.items():
+        script = scheduler().script(s, "kd-x", ["kd", "job"], {})
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and f"cwd={tmp_path} args=job" in done.stdout, done.stderr
+        said[name] = done.stdout.split()[2]  # kd job ID on HOST at TIME
+    assert said == {"pbs": "12345.server", "slurm": "77", "local": "local"}
 
 
 # ----------------------------------------------------------------------------------------- cron

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kd import cli
 from kd.analysis.report import REPORT_KEYS
 from kd.cluster.grids import load_grid
-from kd.cluster.templates import render
+from kd.cluster.schedulers import Slurm
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
 from kd.engine.job import build_parts, run_specs
@@ -165,7 +165,7 @@ def test_lab_grid_is_the_plans_six_runs_with_slurm_settings(tmp_path) -> None:
 
     venv = tmp_path / "venvs" / "edl"
     settings = dataclasses.replace(grid.job, venv=str(venv), workdir=str(tmp_path)).resolved()
-    script = render("slurm", settings, "kd-lab", ["kd", "job", "--run-id", "abc"], {"KD_DATA_ROOT": "/data"})
+    script = Slurm().script(settings, "kd-lab", ["kd", "job", "--run-id", "abc"], {"KD_DATA_ROOT": "/data"})
     lines = script.splitlines()
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gres=gpu:1", "#SBATCH --time=24:00:00",
                  "module load Python/3.11.3-GCCcore-12.3.0 CUDA/12.1.1", f"source {venv}/bin/activate",

@@ -37,7 +37,7 @@ from kd.cluster.planner import (
     plan,
 )
 from kd.cluster.schedulers import Scheduler, get_scheduler
-from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars, render
+from kd.cluster.templates import WORD_CHARS, JobSettings, check_chars
 from kd.errors import SpecError
 from kd.spec import RunSpec
 from kd.tracking import tags as T
@@ -210,7 +210,7 @@ def write_and_submit(sched: Scheduler, settings: JobSettings, folder: Path, stem
            "OMP_NUM_THREADS": str(settings.ncpus)}  # torch's default oversubscribes shared nodes
     # a journal-only job never opens the store: it is not told where it is, and an attempt fails loudly
     env["MLFLOW_TRACKING_URI"] = tracking_uri() if settings.tracking == "direct" else JOURNAL_ONLY_URI
-    script.write_text(render(sched.name, settings, name, command, env))
+    script.write_text(sched.script(settings, name, command, env))
     script.chmod(0o700)  # it may hold the store's password
     return sched.submit(script, log), log
 

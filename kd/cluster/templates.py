@@ -1,4 +1,5 @@
-"""Job scripts from pbs_templates/: settings validated, every value shell-quoted.
+"""Job settings and the body every job script shares (pbs_templates/job.sh.tmpl): settings
+validated, every value shell-quoted. Each scheduler's header is its class's (kd/cluster/schedulers.py).
 
 The templates ship inside the package, in kd/cluster/job_templates/: in git a symlink to the
 top-level pbs_templates/, which stays the one copy; a wheel holds the files themselves. They are
@@ -27,7 +28,6 @@ from typing import Any
 
 from kd.errors import SpecError
 from kd.spec import RunOptions
-from kd.tracking.store import sqlite_path
 
 TEMPLATES = "job_templates"  # package data of kd.cluster; kd/cluster/job_templates -> ../../pbs_templates
 
@@ -148,6 +148,8 @@ def home_expanded(path: str) -> str:
 
 
 def default_jobs_dir() -> str:
+    from kd.tracking.store import sqlite_path  # late: mlflow; `kd --help` loads this module via schedulers
+
     db = sqlite_path()
     folder = db.parent if db else Path.cwd()
     return str(folder / "kd-jobs")
@@ -175,9 +177,9 @@ def quote_command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def render(kind: str, s: JobSettings, name: str, command: list[str], env: dict[str, str]) -> str:
-    """The job script for scheduler `kind` (pbs | slurm | local) from resolved settings."""
-    check_chars("job name", name, allowed=WORD_CHARS)
+def job_body(s: JobSettings, command: list[str], env: dict[str, str], job_id: str) -> str:
+    """The body every job script shares (job.sh.tmpl), from resolved settings; its scheduler's
+    template puts a header around it. job_id: the shell text of the job's id (its scheduler's)."""
     exports = []
     for key, value in env.items():
         if not ENV_NAME.fullmatch(key):
@@ -192,29 +194,14 @@ def render(kind: str, s: JobSettings, name: str, command: list[str], env: dict[s
     if s.modules:
         modules = ["type module >/dev/null 2>&1 || . /etc/profile || true  # batch shells may lack `module`",
                    "module load " + " ".join(shlex.quote(m) for m in s.modules)]
-    body = load_template("job.sh.tmpl").substitute(
+    return load_template("job.sh.tmpl").substitute(
+        job_id=job_id,
         modules="\n".join(modules),
         activate="\n".join(activate),
         workdir='"${TMPDIR:-/tmp}"' if s.scratch else shlex.quote(s.workdir),
         exports="\n".join(exports),
         command=quote_command(command),
     )
-    amount, unit = MEM.fullmatch(s.mem).groups()
-    values = {"name": name, "walltime": s.walltime, "ncpus": str(s.ncpus), "body": body}
-    if kind == "pbs":
-        values["mem"] = f"{amount}{unit.lower()}b"
-        values["ngpus"] = f":ngpus={s.gpus}" if s.gpus else ""
-        values["directives"] = directives("#PBS", {"-q ": s.queue, "-P ": s.project})
-    elif kind == "slurm":
-        values["mem"] = f"{amount}{unit.upper()}"
-        gres = s.gres or (f"gpu:{s.gpus}" if s.gpus else None)
-        values["directives"] = directives("#SBATCH", {"--partition=": s.partition, "--account=": s.project,
-                                                      "--gres=": gres, "--constraint=": s.constraint})
-    return load_template(f"{kind}.sh.tmpl").substitute(values)
-
-
-def directives(prefix: str, flags: dict[str, str | None]) -> str:
-    return "\n".join(f"{prefix} {flag}{value}" for flag, value in flags.items() if value)
 
 
 def load_template(name: str) -> string.Template:
