@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models_field import STAGES as FIELD_STAGES  # the field's models: their shapes are tested there
 from timm.models.vision_transformer import VisionTransformer
 
 from kd.models import MODELS, create_model
@@ -26,7 +27,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_every_registered_model_is_covered() -> None:
-    assert set(MODELS) == set(WIDTHS)
+    assert set(MODELS) == set(WIDTHS) | set(FIELD_STAGES)
 
 
 @pytest.mark.parametrize("name", sorted(WIDTHS))

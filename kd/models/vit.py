@@ -14,8 +14,10 @@ torch._dynamo (about 3 s per process), which every CNN run, job and test process
 from __future__ import annotations
 
 import functools
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,7 +28,9 @@ from kd.models.weights import fit_state_dict, load_state_dict_file
 
 NO_WEIGHTS = "no pretrained weights: training ViT-Tiny from scratch (pass --teacher-weights FILE)"
 TIMM_VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+VIT_REFERENCE = "Dosovitskiy et al. 2021 (ViT), DeiT-Tiny's width (Touvron et al. 2021); timm VisionTransformer"
 VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "head.weight", "head.bias")  # read before the state is fit
+HUB_PROBE_S = 3.0  # how long the Hugging Face hub may take to accept a connection
 
 
 @functools.cache
@@ -75,17 +79,20 @@ def build_vit(
     )
 
 
-@register_model("ViTTiny", "ViT-Tiny teacher: 12 blocks, 192-d, 3 heads, patch image_size // 8")
+@register_model("ViTTiny", "ViT-Tiny teacher: 12 blocks, 192-d, 3 heads, patch image_size // 8",
+                family="vit", reference=VIT_REFERENCE)
 def vit_tiny(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return build_vit(num_classes, in_channels, image_size, depth=12, embed_dim=192, heads=3)
 
 
-@register_model("ViTStudent", "ViT student: 6 blocks, 192-d, 3 heads, patch image_size // 8")
+@register_model("ViTStudent", "ViT student: 6 blocks, 192-d, 3 heads, patch image_size // 8",
+                family="vit", reference=VIT_REFERENCE)
 def vit_student(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return build_vit(num_classes, in_channels, image_size, depth=6, embed_dim=192, heads=3)
 
 
-@register_model("ViTTiny224", "ViT-Tiny in timm's layout (patch 16 at 224, inputs resized): takes timm's weights")
+@register_model("ViTTiny224", "ViT-Tiny in timm's layout (patch 16 at 224, inputs resized): takes timm's weights",
+                family="vit", reference=VIT_REFERENCE)
 def vit_tiny_224(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return build_vit(num_classes, in_channels, 224, depth=12, embed_dim=192, heads=3, patch_size=16)
 
@@ -124,17 +131,40 @@ def load_vit_tiny_state(model: nn.Module, state: dict[str, Any], source: str) ->
     fit_state_dict(model, state, source, f"ViT of depth {len(model.blocks)} and width {model.embed_dim}")
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked (None: it answers), found in seconds: offline, timm's
+    download retries for a minute and prints dozens of warnings before it fails."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} does not answer ({err.strerror or err})"
+    return None
+
+
 def timm_vit_tiny_state() -> dict[str, Tensor]:
     """timm's pretrained ViT-Tiny from the Hugging Face hub, or its local cache when offline."""
+    from huggingface_hub import try_to_load_from_cache
+
+    fix = "on an offline machine pass --teacher-weights FILE, saved where the hub is reachable (docs/lab.md)"
+    overlay = None
+    offline = hub_unreachable()
+    if offline:
+        cached = try_to_load_from_cache(f"timm/{TIMM_VIT_TINY}", "model.safetensors")
+        if not isinstance(cached, str):
+            raise SpecError(f"cannot fetch timm's {TIMM_VIT_TINY}: {offline} and the hub cache lacks it: {fix}")
+        overlay = {"file": cached}  # timm reads the cached file without asking the hub
     import timm  # heavy, ViT runs only (module docstring)
 
     try:
-        return timm.create_model(TIMM_VIT_TINY, pretrained=True).state_dict()
+        return timm.create_model(TIMM_VIT_TINY, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
     except Exception as err:  # no network and no cache: the hub client raises several kinds
-        raise SpecError(
-            f"cannot fetch timm's {TIMM_VIT_TINY} ({type(err).__name__}): on an offline machine pass "
-            f"--teacher-weights FILE, saved where the hub is reachable (docs/lab.md)"
-        ) from None
+        raise SpecError(f"cannot fetch timm's {TIMM_VIT_TINY} ({type(err).__name__}): {fix}") from None
 
 
 def start_weights(model: nn.Module, init_weights: str | None) -> str | None:
