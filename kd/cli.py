@@ -24,10 +24,14 @@ from kd.flags import (
     EXIT_BUSY,
     EXIT_KILLED,
     EXIT_STORE,
+    BadFlags,
     Parser,
     add_preset_flag,
     add_run_flags,
     add_spec_flags,
+    add_teacher_version_flag,
+    experiment_name,
+    positive_int,
     spec_from_args,
 )
 from kd.spec import RunOptions, RunSpec
@@ -55,7 +59,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    return train_and_report([distill_spec(args)], args)
+    from kd.tracking.registry import with_teacher_version
+    from kd.tracking.store import get_client
+
+    spec = distill_spec(args)
+    if args.teacher_version is not None:
+        spec = with_teacher_version(get_client(), spec, args.teacher_version)
+    return train_and_report([spec], args)
 
 
 def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_runs: list[Path] | None = None) -> int:
@@ -107,9 +117,24 @@ def cmd_job(args: argparse.Namespace) -> int:
         specs = [RunSpec.from_dict(read_json(folder / "config.json")) for folder in folders]
         return train_and_report(specs, args, journal_runs=folders)
     client = get_client()
+    for run_id in args.run_id:
+        check_run_exists(client, run_id)
     specs = [RunSpec.from_dict(read_config(client, run_id)) for run_id in args.run_id]
     args.experiment = attached_experiment(args.run_id[0])
     return train_and_report(specs, args)
+
+
+def check_run_exists(client: Any, run_id: str) -> None:
+    """`kd job --run-id`: an id the store does not know is bad input, not a store that failed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise SpecError(f"--run-id {run_id!r}: no such run in the tracking store: pass the id of a run kd submit "
+                        "created (kd status lists them)") from None
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -119,8 +144,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from kd.tracking.sender import sync_journals
 
     roots = [Path(p).absolute() for p in args.paths] or [journal_root()]
-    with submit_lock():
-        return 0 if sync_journals(roots) else 1
+    return 0 if sync_journals(roots, lock=submit_lock) else 1
 
 
 def attached_experiment(run_id: str) -> str:
@@ -135,8 +159,9 @@ def cmd_list(kind: str) -> int:
     if kind == "models":
         from kd.models import MODELS
 
-        for info in MODELS.values():
-            print(f"{info.name:12s} {info.description}")
+        print(f"{'model':13s} {'params@100':>11s}  family        what it is (reference: docs/models.md)")
+        for info in sorted(MODELS.values(), key=lambda info: info.family):  # registration order within a family
+            print(f"{info.name:13s} {info.parameter_count(100):>11,d}  {info.family:12s}  {info.description}")
     elif kind == "datasets":
         from kd.data import DATASETS
 
@@ -180,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from a registered teacher")
     add_spec_flags(p, skip={"model", "role", "init_weights"}, defaults=DISTILL_DEFAULTS)
     p.add_argument("--student", default=None, help=f"student model (default {RunSpec.model})")
+    add_teacher_version_flag(p)
     add_preset_flag(p)
     add_run_flags(p)
     p.set_defaults(func=cmd_distill)
@@ -194,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("demo", help="teacher, pure and KD student on digits, offline, in minutes")
-    p.add_argument("--experiment", default="demo")
+    p.add_argument("--experiment", type=experiment_name, default="demo")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: the demo's own)")
     p.set_defaults(func=cmd_demo)
 
     for register in (register_analysis, register_tune, register_cluster, register_bench):
@@ -262,7 +288,11 @@ def tag_attached_run(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help and bad flags end here, before torch and mlflow load
+    try:
+        args = build_parser().parse_args(argv)  # --help and bad flags end here, before torch and mlflow load
+    except BadFlags as bad:
+        tag_attached_run(bad.line)  # -P epochs=abc, an unknown -P name: mlflow's FAILED run says why
+        raise
     from kd.engine.trainer import Stopped, TrainingDiverged
     from kd.tracking.runs import RunRefused
 
@@ -281,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kd: run FAILED: {diverged}", file=sys.stderr)
         return 1
     except Stopped as stop:
-        print(f"kd: SIGTERM: checkpoint written, run marked KILLED ({stop})", file=sys.stderr)
+        done = "checkpoint written, run marked KILLED" if getattr(stop, "runs_started", True) else "no run created"
+        print(f"kd: SIGTERM: {done} ({stop})", file=sys.stderr)
         return EXIT_KILLED
     except Exception as err:  # the store failed mid-command (it answered at the start): one line, not a traceback
         from mlflow.exceptions import MlflowException

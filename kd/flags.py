@@ -12,22 +12,25 @@ import argparse
 import ast
 import dataclasses
 import functools
+import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from kd.errors import SpecError
-from kd.presets import with_preset
-from kd.spec import COLLAPSE_FACTOR, TRACKING_MODES, RunOptions, RunSpec
+from kd.presets import teacher_values, with_preset
+from kd.spec import COLLAPSE_FACTOR, TEACHER_SHARED, TRACKING_MODES, RunOptions, RunSpec
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3
 EXIT_KILLED = 143
 EXIT_STORE = 4  # the tracking store failed during the command (infrastructure, not input)
 
-# Spec fields that are set by the command itself rather than by a flag.
-NOT_FLAGS = {"options"}
+# Spec fields that are set by the command itself rather than by a flag (a student's teacher_recipe
+# comes from --teacher-version, or from a grid's teacher row).
+NOT_FLAGS = {"options", "teacher_recipe"}
 
 
 def flag(name: str) -> list[str]:
@@ -57,12 +60,51 @@ def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
     return text_or_none
 
 
+def experiment_name(text: str) -> str:
+    """`--experiment`: MLflow refuses an empty name, which would read as a failed store."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an experiment needs a name: pass --experiment NAME")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more (`kd demo --epochs`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (`--sync-timeout`): nan or inf would never end a wait."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+class BadFlags(SystemExit):
+    """The command line was refused (exit 2); `line` is what was printed, for the run `mlflow run` made."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(EXIT_BAD_INPUT)
+        self.line = line
+
+
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line with a `--help` hint (exit 2), not the usage block;
     its subcommands' parsers are of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+        line = f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)"
+        self._print_message(line + "\n", sys.stderr)
+        raise BadFlags(line)
 
 
 # Defaults that depend on other values, as --help states them (the values are RunSpec's).
@@ -98,9 +140,16 @@ def add_preset_flag(parser: argparse.ArgumentParser) -> None:
                         help="a recipe of the lab plan (see kd presets); explicit flags override its values")
 
 
+def add_teacher_version_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(*flag("teacher_version"), default=None,
+                        help="the registered teacher (a version number or an alias such as seed0) that teaches "
+                             "this student although its recipe differs; default: the teacher of the student's "
+                             "own recipe")
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"),
-                        help="MLflow experiment (default kd)")
+    parser.add_argument("--experiment", type=experiment_name,
+                        default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd"), help="MLflow experiment (default kd)")
     add_option_flags(parser)
     parser.add_argument("--data-root", "--data_root", default=None, help="datasets folder (default $KD_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="train a new attempt even if the spec is FINISHED")
@@ -130,15 +179,16 @@ def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--journal-dir", "--journal_dir", default=None,
                         help="where runs keep their journals (default $KD_JOURNAL_DIR, else kd-journal/ beside "
                              "a sqlite store or in the working directory)")
-    parser.add_argument("--sync-timeout", "--sync_timeout", type=float, default=None,
+    parser.add_argument("--sync-timeout", "--sync_timeout", type=seconds, default=None,
                         help="seconds the end of a job waits for an away store before it exits with its runs "
                              "unsynced, for kd sync (default 180)")
 
 
 def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any) -> RunSpec:
-    """Layers, lowest first: RunSpec defaults, the command's `defaults`, `--preset`, flags, `fixed` (if not None)."""
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
-    values.update({k: v for k, v in fixed.items() if v is not None})
+    """Layers, lowest first: RunSpec defaults, the command's `defaults`, `--preset`, flags, `fixed` (if not None).
+    A student preset's students are taught by its teacher preset's teacher (RunSpec.taught_by)."""
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunSpec) if f.name not in NOT_FLAGS}
+    values = {**flags, **{k: v for k, v in fixed.items() if v is not None}}
     values = {**(defaults or {}), **with_preset(getattr(args, "preset", None), values)}
     given = {k.removeprefix("opt."): v for k, v in vars(args).items() if k.startswith("opt.") and v is not None}
     method = values.get("method") or "pure"
@@ -149,7 +199,12 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
             raise SpecError(f"option {', '.join(foreign)} does not belong to method '{method}': "
                             f"drop it (see kd methods)")
     values["options"] = given
-    return RunSpec.create(**values)
+    spec = RunSpec.create(**values)
+    teacher = teacher_values(getattr(args, "preset", None), flags, TEACHER_SHARED)
+    if teacher is None or spec.teacher_spec() is None:
+        return spec
+    return spec.taught_by(RunSpec.create(**{**teacher, "dataset": spec.dataset, "seed": spec.seed,
+                                            "model": spec.teacher, "role": "teacher", "method": "pure"}))
 
 
 METHODS_DIR = Path(__file__).parent / "methods"

@@ -31,6 +31,7 @@ class Preset:
     name: str
     summary: str
     values: dict[str, Any]
+    teacher_preset: str | None = None  # a student preset's teacher: the recipe that teaches it
 
     def defaults(self, distilling: bool) -> dict[str, Any]:
         """The preset's spec values; without distillation (a pure baseline) the KD fields are left out."""
@@ -49,12 +50,13 @@ PRESETS = {p.name: p for p in (
            {**CNN, "model": "ResNet18", "role": "teacher", "epochs": 300, "milestones": (150, 225, 275)}),
     Preset("cnn-student", "the plan's ResNet-8 student (ResNet8w); with kd train, its baseline",
            {**CNN, **KD, "model": "ResNet8w", "teacher": "ResNet18", "role": "student", "epochs": 200,
-            "milestones": (100, 150, 180)}),
+            "milestones": (100, 150, 180)}, teacher_preset="cnn-teacher"),
     Preset("vit-teacher", "the plan's ViT-Tiny teacher, from scratch at 32x32 (patch 4)", VIT_TEACHER),
     Preset("vit-teacher-timm", "the plan's ViT-Tiny teacher from timm's pretrained weights (patch 16 at 224)",
            {**VIT_TEACHER, "model": "ViTTiny224", "init_weights": TIMM_HUB}),
     Preset("vit-student", "the plan's 6-layer ViT student; with kd train, its baseline",
-           {**VIT, **KD, "model": "ViTStudent", "teacher": "ViTTiny", "role": "student", "epochs": 150}),
+           {**VIT, **KD, "model": "ViTStudent", "teacher": "ViTTiny", "role": "student", "epochs": 150},
+           teacher_preset="vit-teacher"),
 )}
 
 
@@ -76,6 +78,16 @@ def with_preset(name: str | None, values: dict[str, Any]) -> dict[str, Any]:
     if name is None:
         return given
     return {**preset_defaults(name, given.get("method") != "pure", given.get("epochs")), **given}
+
+
+def teacher_values(name: str | None, given: dict[str, Any], shared: tuple[str, ...]) -> dict[str, Any] | None:
+    """The spec values of a student preset's teacher: its teacher preset, under the `shared` fields the
+    user gave (as a grid's `spec:` and `--set` apply to both); None when the preset names no teacher."""
+    teacher_preset = PRESETS[name].teacher_preset if name in PRESETS else None
+    if teacher_preset is None:
+        return None
+    mine = {k: v for k, v in given.items() if k in shared and v is not None}
+    return {**preset_defaults(teacher_preset, False, mine.get("epochs")), **mine}
 
 
 def describe(preset: Preset) -> str:

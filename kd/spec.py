@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,9 +23,17 @@ ROLES = ("teacher", "student")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 # Fields added after runs existed: left out of the key while unset, so those runs keep their keys.
-KEY_OPTIONAL = ("init_weights",)
+KEY_OPTIONAL = ("init_weights", "teacher_recipe")
 # What the students of one pack share (`kd job` trains them with one data stream and teacher).
-PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights")
+PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights",
+               "teacher_recipe")
+# What a student's teacher shares with it: its teacher is trained on the same data with the same recipe
+# (docs/architecture.md, "Teachers"), unless the student's `teacher_recipe` says where the teacher's differs.
+TEACHER_SHARED = ("dataset", "seed", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+                  "milestones", "train_limit", "val_fraction")
+# What no teacher_recipe may change: the teacher's identity beside its recipe.
+NOT_TEACHER_RECIPE = ("dataset", "seed", "model", "teacher", "method", "role", "alpha", "options", "teacher_weights",
+                      "teacher_recipe")
 
 
 # A run whose accuracy stays below this many times chance (100 / classes) has collapsed: the beta
@@ -117,6 +126,9 @@ class RunSpec:
     val_fraction: float = 0.0  # stratified validation split held out of training (tuning)
     teacher_weights: str | None = None  # a best.pth that overrides the registry's teacher
     init_weights: str | None = None  # a teacher's starting weights: a timm ViT-Tiny file, or "timm" (hub)
+    # Where this student's teacher's recipe differs from the one the student implies (`teacher_spec`):
+    # a grid's teacher preset, or the teacher a user chose with --teacher-version. None: the same recipe.
+    teacher_recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -126,7 +138,12 @@ class RunSpec:
         object.__setattr__(self, "options", dict(sorted(_as_declared(self.method, self.options).items())))
         if self.init_weights not in (None, TIMM_HUB):  # absolute: cluster jobs start in another folder
             object.__setattr__(self, "init_weights", _absolute(self.init_weights))
+        if self.teacher_recipe is not None:
+            object.__setattr__(self, "teacher_recipe", dict(sorted(self.teacher_recipe.items())) or None)
         self._check()
+        if self.teacher_recipe is not None:  # as the teacher's spec holds them (a JSON list is a tuple there)
+            teacher = self.teacher_spec()
+            object.__setattr__(self, "teacher_recipe", {k: getattr(teacher, k) for k in self.teacher_recipe})
 
     def _check_types(self) -> None:
         """Each field has its annotated type (a YAML grid or a config.json can hold anything)."""
@@ -195,6 +212,23 @@ class RunSpec:
                 f"its options are {', '.join(known) or 'none'} (see kd methods)"
             )
         METHODS[self.method].check_options(self.options)
+        self._check_teacher_recipe()
+
+    def _check_teacher_recipe(self) -> None:
+        if self.teacher_recipe is None:
+            return
+        if self.teacher is None or self.teacher_weights is not None:
+            raise SpecError("teacher_recipe describes a registered teacher: drop it (no --teacher, or "
+                            "--teacher-weights names the weights)")
+        names = {f.name for f in dataclasses.fields(RunSpec)} - set(NOT_TEACHER_RECIPE)
+        wrong = sorted(set(self.teacher_recipe) - names)
+        if wrong:
+            raise SpecError(f"teacher_recipe cannot set {', '.join(wrong)}: it holds recipe fields "
+                            f"({', '.join(sorted(names))})")
+        try:
+            self.teacher_spec()
+        except SpecError as err:
+            raise SpecError(f"teacher_recipe: {err}") from None
 
     @classmethod
     def create(cls, **fields: Any) -> RunSpec:
@@ -238,6 +272,7 @@ class RunSpec:
         d = self.to_dict()
         options = d.pop("options")
         d.update(options)
+        d["teacher_recipe"] = "" if self.teacher_recipe is None else json.dumps(d["teacher_recipe"], sort_keys=True)
         return {k: "" if v is None else str(v) for k, v in d.items()}
 
     def name(self) -> str:
@@ -253,9 +288,56 @@ class RunSpec:
         models = f"{self.teacher}-to-{self.model}" if self.teacher else self.model
         return f"{label}-a{self.alpha:g}-s{self.seed}-{self.dataset}-{models}"
 
-    def teacher_spec_hint(self) -> str:
-        """The command that trains this student's teacher, for 'missing teacher' messages."""
-        return f"kd train --dataset {self.dataset} --model {self.teacher} --role teacher --seed {self.seed}"
+    def recipe(self) -> str:
+        """The key without the seed (tag `kd.recipe`): the runs of one recipe over seeds share it."""
+        d = json.loads(self.canonical_json())
+        del d["seed"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+    def teacher_spec(self) -> RunSpec | None:
+        """The spec of this student's teacher: its dataset, seed and recipe (TEACHER_SHARED), the
+        teacher's own role defaults (a pure run's label smoothing), then `teacher_recipe`. A student is
+        taught by exactly this teacher, found by its key; None without a registered teacher."""
+        if self.teacher is None or self.teacher_weights is not None:
+            return None
+        shared = {name: getattr(self, name) for name in TEACHER_SHARED}
+        return RunSpec.create(**{**shared, "model": self.teacher, "role": "teacher", "method": "pure",
+                                 **(self.teacher_recipe or {})})
+
+    def taught_by(self, teacher: RunSpec) -> RunSpec:
+        """This student taught by `teacher` (a grid's teacher row, a registered teacher the user chose):
+        `teacher_recipe` becomes where that teacher's recipe differs from the one this student implies."""
+        if teacher.role != "teacher" or (teacher.dataset, teacher.seed) != (self.dataset, self.seed):
+            raise SpecError(f"{teacher.name()} cannot teach {self.name()}: a student's teacher is a teacher "
+                            "of its own dataset and seed")
+        implied = self.replace(teacher=teacher.model, teacher_recipe=None).teacher_spec()
+        names = [f.name for f in dataclasses.fields(RunSpec) if f.name not in NOT_TEACHER_RECIPE]
+        differs = {k: getattr(teacher, k) for k in names if getattr(teacher, k) != getattr(implied, k)}
+        return self.replace(teacher=teacher.model, teacher_recipe=differs or None)
+
+    def differences(self, other: RunSpec) -> str:
+        """`epochs=40, lr=0.05`: the fields where this spec differs from `other` (for recipes in messages)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        changed = [f"{k}={_shown(v)}" for k, v in mine.items() if v != theirs.get(k) and k != "options"]
+        changed += [f"{k}={_shown(v)}" for k, v in self.options.items() if v != other.options.get(k)]
+        return ", ".join(changed) or "the default recipe"
+
+    def command(self, skip: tuple[str, ...] = ()) -> str:
+        """The `kd train` (pure runs) or `kd distill` command that trains this spec: the values that
+        differ from the defaults (dataset, seed and epochs always); `skip`: fields to leave out."""
+        pure = self.method == "pure"
+        ref = RunSpec.create(method=self.method, teacher=self.teacher, teacher_weights=self.teacher_weights,
+                             role=self.role)
+        words = ["kd", "train", "--model", self.model, "--role", self.role] if pure else \
+            ["kd", "distill", "--method", self.method, "--student", self.model]
+        always = {"dataset", "seed", "epochs", "teacher"}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunSpec)
+                  if f.name not in {"model", "role", "method", "options", "teacher_recipe", *skip}}
+        changed = {k: v for k, v in values.items() if v is not None and (k in always or v != getattr(ref, k))}
+        changed.update({k: v for k, v in self.options.items() if v != ref.options[k]})
+        for name, value in changed.items():
+            words += ["--" + name.replace("_", "-"), _shown(value)]
+        return shlex.join(words)
 
 
 # What a field's annotation asks for, in words, and an example for fields without a default.
@@ -264,6 +346,12 @@ KINDS = {"str": "a text", "int": "a whole number", "float": "a number", "tuple":
 EXAMPLES = {"str": "NAME", "float": 0.1, "tuple": "60,120", "dict": "those of kd methods"}
 FLOAT_FIELDS = ("alpha", "temperature", "lr", "momentum", "weight_decay", "label_smoothing", "val_fraction")
 MAX_SEED = 2**31
+
+
+def _shown(value: Any) -> str:
+    """A value as a flag takes it: `60,120` for milestones, 6 significant digits for a float."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:.6g}" if isinstance(value, float) \
+        else str(value)
 
 
 def _is_int(value: Any) -> bool:

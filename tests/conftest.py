@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 from kd.spec import RunOptions
 
@@ -48,6 +50,14 @@ def mlflow_run(entry_point: str, **params: object) -> subprocess.CompletedProces
         ["mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", "--experiment-name", "kd", *pairs],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
+
+
+def registered_teacher(name: str, seed: int = 0) -> ModelVersion:
+    """The newest registered version of teacher model `name` (e.g. digits-ResNet8) for `seed`, of
+    whatever recipe (alias `seed0` is the default recipe's only: tests train shorter ones)."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.seed = '{seed}'")
+    assert found, f"no registered teacher {name} for seed {seed}"
+    return max(found, key=lambda v: int(v.version))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kd.cluster.schedulers import Pbs
+from tests.conftest import registered_teacher
 from tests.test_cluster import kd, wait_for, write_grid
 
 pytestmark = [
@@ -80,7 +81,7 @@ def test_smoke_grid_trains_every_run_after_its_teacher(store, tmp_path, schedule
     runs = runs_of(client, "smoke")
     assert len({r.data.tags["kd.key"] for r in runs}) == 5
     assert {r.data.tags["ops.scheduler"] for r in runs} == {scheduler}
-    teacher = client.get_model_version_by_alias("digits-ResNet8", "seed0")
+    teacher = registered_teacher("digits-ResNet8")
     students = [r for r in runs if r.data.tags.get("kd.teacher")]
     assert len(students) == 3
     for run in students:  # created (start_time) only once the teacher was registered

@@ -9,9 +9,11 @@ import torch
 from mlflow import MlflowClient
 
 from kd.models import create_model
+from kd.spec import RunSpec
 from kd.tracking.registry import teacher_uri
-from tests.conftest import DIGITS_FAST, mlflow_run, run_kd
+from tests.conftest import DIGITS_FAST, mlflow_run, registered_teacher, run_kd
 
+FAST_TEACHER = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=2, batch_size=64)
 EPOCH_METRICS = ("loss_total", "train_acc", "test_loss", "test_acc", "lr", "epoch_time", "loss_ce", "loss_distill",
                  "loss_kd")
 
@@ -26,7 +28,7 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     train_digits_teacher()
     # values spelled otherwise than Python prints them: mlflow run logs them as typed
     done = mlflow_run("distill", dataset="digits", teacher="ResNet8", student="ResNet8", method="logit",
-                      alpha=".25", temperature=4, epochs=3, batch_size=64, device="cpu")
+                      alpha=".25", temperature=4, epochs=2, batch_size=64, device="cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient()
     exp = client.get_experiment_by_name("kd")
@@ -38,11 +40,11 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     assert (run.data.tags["kd.precision"], run.data.tags["kd.cudnn_deterministic"]) == ("fp32", "true")
     assert (run.data.tags["kd.compile"], run.data.tags["kd.step_mode"]) == ("off", "eager: no CUDA device (cpu)")
     assert run.data.params["alpha"] == ".25" and run.data.params["temperature"] == "4"  # mlflow's record stays
-    assert run.data.params["epochs"] == "3" and run.data.params["label_smoothing"] == "0.0"  # the spec's own
-    assert run.data.tags["kd.teacher_source"].startswith(teacher_uri("digits", "ResNet8", 0))
+    assert run.data.params["epochs"] == "2" and run.data.params["label_smoothing"] == "0.0"  # the spec's own
+    assert run.data.tags["kd.teacher_source"].startswith(teacher_uri(FAST_TEACHER))
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert sorted(steps) == [1, 2, 3], key
+        assert sorted(steps) == [1, 2], key
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"best.pth", "config.json", "metrics.json", "checkpoint"} <= artifacts
     assert "checkpoint/checkpoint.pth" in {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
@@ -50,7 +52,7 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
     student = create_model("ResNet8", 10, 1, 8)
     student.load_state_dict(torch.load(best, weights_only=True)["weights"])
     metrics = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))
-    assert len(__import__("json").load(open(metrics))["test_acc"]) == 3
+    assert len(__import__("json").load(open(metrics))["test_acc"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_mlflow_run_distill_fills_the_run_it_created(store, tmp_path):
         (("distill", "--dataset", "digits", "--teacher", "ResNet8", "--method", "rkd", "--rkd-angle-weight", "-50"),
          "rkd option rkd_angle_weight=-50.0 is out of range: pass --rkd-angle-weight >= 0"),
         (("distill", *DIGITS_FAST, "--teacher", "ResNet20", "--student", "ResNet8", "--method", "logit"),
-         "no registered teacher models:/digits-ResNet20@seed0: train it first with `kd train"),
+         "no registered teacher of this student's recipe (seed0-r"),
         (("train", "--dataset", "cifar10", "--model", "ResNet8", "--epochs", "1"), "cifar-10-batches-py"),
     ],
 )
@@ -89,7 +91,7 @@ def test_finished_spec_is_not_retrained_and_force_starts_a_new_attempt(store):
     runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
     assert sorted(r.data.tags.get("kd.attempt", "1") for r in runs) == ["1", "2"]
     versions = client.search_model_versions("name = 'digits-ResNet8'")
-    alias_run = client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id
+    alias_run = registered_teacher("digits-ResNet8").run_id
     assert len(versions) == 2 and alias_run == max(runs, key=lambda r: r.info.start_time).info.run_id
 
 
@@ -112,7 +114,6 @@ def test_demo_prints_the_table_and_the_ui_command(store):
     for label in ("teacher (ResNet20)", "student, no KD (ResNet8)", "student, logit KD (ResNet8)"):
         assert label in done.stdout
     assert f"mlflow ui --backend-store-uri '{store}'" in done.stdout
-    client = MlflowClient()
-    assert client.get_model_version_by_alias("digits-ResNet20", "seed0") is not None
+    assert registered_teacher("digits-ResNet20") is not None
     rerun = run_kd("demo", "--epochs", "2", "--device", "cpu")
     assert rerun.stdout.count("reusing finished run") == 3

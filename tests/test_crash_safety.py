@@ -22,7 +22,7 @@ from kd.models import create_model
 from kd.models.weights import load_weights_only
 from kd.spec import RunOptions, RunSpec
 from kd.tracking.runs import AlreadyFinished
-from tests.conftest import CPU, mlflow_run, run_kd
+from tests.conftest import CPU, mlflow_run, registered_teacher, run_kd
 
 
 def student(epochs: int = 4, train_limit: int = 640) -> tuple[str, ...]:
@@ -302,11 +302,10 @@ def test_a_student_stuck_at_chance_is_stopped_and_says_why(store, tmp_path):
 def test_a_resumed_student_keeps_the_teacher_it_started_with(teacher):
     """The teacher is re-trained (--force) while a student's job is dead: the resumed student must go
     on distilling from its first teacher, not switch mid-run to the alias's new version."""
-    client = MlflowClient()
-    first = client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id
+    first = registered_teacher("digits-ResNet8").run_id
     assert run_kd(*STUDENT, env={"KD_CRASH_AT": "step:15"}).returncode == -signal.SIGKILL  # in epoch 2
     assert run_kd(*TEACHER, "--force").returncode == 0
-    assert client.get_model_version_by_alias("digits-ResNet8", "seed0").run_id != first
+    assert registered_teacher("digits-ResNet8").run_id != first
     resumed = run_kd(*STUDENT)
     assert resumed.returncode == 0, resumed.stderr
     (run,) = runs_of("kd")

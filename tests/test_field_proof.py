@@ -29,7 +29,7 @@ from kd.spec import RunSpec
 from kd.tracking.journal import JOURNAL, local_state, read_records
 from kd.tracking.presentation import SUMMARY_STEP, summary_values
 from kd.tracking.store import get_client
-from tests.conftest import CPU, run_kd
+from tests.conftest import CPU, registered_teacher, run_kd
 
 TEACHER = ("train", "--dataset", "digits", "--model", "ResNet8", "--role", "teacher", "--batch-size", "64",
            "--train-limit", "640", "--device", "cpu")
@@ -189,7 +189,7 @@ def test_kill_9_while_the_store_is_away_resumes_from_the_journal(server, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming run {run_id} after epoch" in resumed.stdout
     assert histories(run_id) == histories(ref.info.run_id)
-    assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id in (run_id, ref.info.run_id)
+    assert registered_teacher("digits-ResNet8").run_id in (run_id, ref.info.run_id)
 
 
 @pytest.mark.slow
@@ -217,7 +217,7 @@ def test_a_job_that_ends_while_the_store_is_away_is_synced_later(server, tmp_pat
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [s for s, _ in histories(run_id)["test_acc"]] == [1, 2, 3]
-    assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id == run_id
+    assert registered_teacher("digits-ResNet8").run_id == run_id
     # the same through one submit round, for a student whose job ended while the store was away
     proc = start_kd(*STUDENT, "--epochs", "3", "--sync-timeout", "2")
     wait_until(lambda: [r for r in runs("kd", "tags.`kd.role` = 'student'") if r.data.tags.get("kd.epoch")],
@@ -349,7 +349,7 @@ def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp
     epoch's points there once."""
     grid = tmp_path / "journal.yaml"
     grid.write_text(JOURNAL_GRID)
-    client, outputs = MlflowClient(), []
+    outputs = []
     deadline = time.time() + 600
     while True:
         done = run_kd("submit", "--grid", str(grid), "--scheduler", scheduler)
@@ -369,7 +369,7 @@ def test_a_journal_only_grid_trains_without_the_store_and_is_ingested(store, tmp
             if not key.startswith("pretrain"):  # per-epoch points at steps 1 and 2, the summary at 0, each once
                 want = [SUMMARY_STEP] if key in SUMMARY else [1, 2]
                 assert [s for s, _ in points] == want, (run.info.run_name, key, points)
-    teacher = client.get_model_version_by_alias("digits-ResNet8", "seed0")
+    teacher = registered_teacher("digits-ResNet8")
     students = [r for r in finished if r.data.tags["kd.role"] == "student" and r.data.tags.get("kd.teacher")]
     assert len(students) == 4 and all(r.data.tags["kd.teacher_run"] == teacher.run_id for r in students)
 
@@ -393,5 +393,5 @@ def test_a_teacher_trains_without_any_store_and_kd_sync_creates_its_run(tmp_path
     (run,) = runs("kd")
     assert run.info.status == "FINISHED" and run.data.tags["ops.tracking"] == "journal"
     assert [s for s, _ in histories(run.info.run_id)["test_acc"]] == [1, 2]
-    assert MlflowClient().get_model_version_by_alias("digits-ResNet8", "seed0").run_id == run.info.run_id
+    assert registered_teacher("digits-ResNet8").run_id == run.info.run_id
     assert run_kd("sync", str(tmp_path / "j"), env=here).stdout == ""  # nothing twice

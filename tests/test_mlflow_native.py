@@ -20,7 +20,7 @@ from kd.tracking import tags as T
 from kd.tracking.presentation import SUMMARY_STEP
 from kd.tracking.registry import resolve_teacher, teacher_uri
 from kd.tracking.store import get_client
-from tests.conftest import DIGITS_FAST, run_kd
+from tests.conftest import DIGITS_FAST, registered_teacher, run_kd
 
 NAME_CHARS = 24  # what MLflow's runs table and chart legends show of a run name
 
@@ -48,7 +48,7 @@ def test_registry_versions_are_pt2_models_with_kd_logits_and_runs_say_what_they_
     assert f"#/experiments/{exp}/runs?workflowType=machine_learning" in distilled.stdout
 
     # the registered version is the run's pt2 logged model, loadable without pickle and without kd
-    version = client.get_model_version_by_alias("digits-ResNet8", "seed0")
+    version = registered_teacher("digits-ResNet8")
     teacher_run = client.get_run(version.run_id)
     model_id = version.source.removeprefix("models:/")
     assert [o.model_id for o in teacher_run.outputs.model_outputs] == [model_id]
@@ -57,15 +57,15 @@ def test_registry_versions_are_pt2_models_with_kd_logits_and_runs_say_what_they_
     assert [p.name for p in (model_dir / "data").iterdir()] == ["model.pt2"]  # torch.export's archive, no pickle
     assert "float32" in mlmodel["signature"]["inputs"] and "[-1, 10]" in mlmodel["signature"]["outputs"]
     assert mlmodel["saved_input_example_info"]["type"] == "ndarray"
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # MLflow then refuses any pickle payload
-    try:
-        loaded = mlflow.pytorch.load_model(teacher_uri("digits", "ResNet8", 0))
-    finally:
-        del os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
     student = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="logit", epochs=2,
                              batch_size=64)
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # MLflow then refuses any pickle payload
+    try:
+        loaded = mlflow.pytorch.load_model(teacher_uri(student.teacher_spec()))
+    finally:
+        del os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
     data = DeviceData(load_dataset("digits"), "digits", torch.device("cpu"), 0)
-    ours, _, _ = load_teacher(student, data, torch.device("cpu"), resolve_teacher(get_client(), student, tmp_path))
+    ours = load_teacher(student, data, torch.device("cpu"), resolve_teacher(get_client(), student, tmp_path))
     x, _ = next(data.eval_batches(data.test, 64))
     with torch.no_grad():
         assert torch.allclose(loaded(x), ours(x)[-1], rtol=0, atol=1e-5)

@@ -16,11 +16,13 @@ from pathlib import Path
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from kd.data import DATASETS
 from kd.errors import SpecError
+from kd.spec import RunSpec
 from kd.tracking import tags as T
-from kd.tracking.registry import teacher_run_id
+from kd.tracking.runs import read_config
 from kd.tracking.store import experiment_id, tracking_uri
 
 ANALYSIS = "analysis"
@@ -51,10 +53,22 @@ def same_spelling(value: str) -> str:
         return value
 
 
-def recipe(params: dict[str, str]) -> str:
-    """Which runs may be averaged over seeds: a hash of every spec param but the seed."""
+def params_recipe(params: dict[str, str]) -> str:
+    """A recipe from the params alone (every spec param but the seed), for a run whose config.json
+    no longer makes a spec."""
     fields = {k: same_spelling(v) for k, v in sorted(params.items()) if k not in NOT_RECIPE}
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def stored_recipe(client: MlflowClient, run: Run) -> str:
+    """Which runs may be averaged over seeds: the tag `kd.recipe` (RunSpec.recipe, the key without
+    the seed); for an older run without it, its config.json's spec's recipe, else params_recipe."""
+    if run.data.tags.get(T.RECIPE):
+        return run.data.tags[T.RECIPE]
+    try:
+        return RunSpec.from_dict(read_config(client, run.info.run_id)).recipe()
+    except (MlflowException, OSError, ValueError, TypeError, SpecError):
+        return params_recipe(run.data.params)
 
 
 def family(model: str) -> str:
@@ -89,7 +103,7 @@ def training_runs(client: MlflowClient, experiment: str) -> list[Run]:
             if r.data.tags.get(T.KEY) and r.data.tags.get(T.ROLE) != ANALYSIS]
 
 
-def run_row(run: Run) -> dict[str, object]:
+def run_row(run: Run, recipe: str) -> dict[str, object]:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     dataset = tags.get(T.DATASET, "")
     num_classes = DATASETS[dataset].num_classes if dataset in DATASETS else math.nan
@@ -106,7 +120,7 @@ def run_row(run: Run) -> dict[str, object]:
         "epochs": int(params.get("epochs") or 0),
         "final_acc": metrics.get("final_test_acc", metrics.get("test_acc", math.nan)),
         "best_acc": metrics.get("best_test_acc", math.nan),
-        "recipe": recipe(params),
+        "recipe": recipe,
         "train_time": metrics.get("train_time", math.nan),
         **{tag.removeprefix("kd."): tags.get(tag, "") for tag in T.PROVENANCE},
         "family": family(tags.get(T.MODEL, "")),
@@ -123,7 +137,7 @@ def collect_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     `best_test_acc`, or the best `test_acc` so far.
     """
     runs = [r for r in training_runs(client, experiment) if T.PARENT_RUN not in r.data.tags]
-    rows = pd.DataFrame([run_row(r) for r in runs])
+    rows = pd.DataFrame([run_row(r, stored_recipe(client, r)) for r in runs])
     rows = rows.reindex(columns=[*COLUMNS, *sorted(c for c in rows.columns if c not in COLUMNS)])
     rows = rows.sort_values(["finished", "start_time"]).drop_duplicates("key", keep="last")
     for i in rows.index[rows.best_acc.isna()]:
@@ -159,14 +173,13 @@ def histories(client: MlflowClient, run_ids: list[str], key: str) -> pd.DataFram
 
 
 def find_teacher_run(client: MlflowClient, run: Run) -> str | None:
-    """The teacher of a student run: the registry alias, else (legacy imports, which are not
-    registered) the newest FINISHED teacher run with the same dataset, model and seed."""
+    """The teacher of a student run: the one it was taught by (`kd.teacher_run`), else (legacy
+    imports, which are not registered) the newest FINISHED teacher run with the same dataset, model and seed."""
     tags = run.data.tags
     if not tags.get(T.TEACHER):
         return None
-    found = teacher_run_id(client, tags[T.DATASET], tags[T.TEACHER], int(tags[T.SEED]))
-    if found is not None:
-        return found
+    if tags.get(T.TEACHER_RUN):
+        return tags[T.TEACHER_RUN]
     query = " and ".join(f"tags.`{tag}` = '{value}'" for tag, value in (
         (T.ROLE, "teacher"), (T.DATASET, tags[T.DATASET]), (T.MODEL, tags[T.TEACHER]),
         (T.SEED, tags[T.SEED])))

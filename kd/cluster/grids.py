@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from kd.cluster.templates import JobSettings
-from kd.errors import SpecError
+from kd.errors import SpecError, read_text
 from kd.methods import METHODS
 from kd.presets import preset_defaults
 from kd.spec import RunSpec
@@ -57,7 +57,7 @@ def load_grid(name_or_path: str, overrides: Sequence[str] = ()) -> Grid:
     """Read a grid; `overrides` are KEY=VALUE pairs for a spec field (e.g. epochs) or a job setting."""
     path = grid_path(name_or_path)
     try:
-        raw = mapping(yaml.safe_load(path.read_text()), f"grid {path}")
+        raw = mapping(yaml.safe_load(read_text(path, "grid")), f"grid {path}")
     except yaml.YAMLError as err:
         raise SpecError(f"grid {path} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from None
     unknown = sorted(map(str, set(raw) - GRID_KEYS))
@@ -128,6 +128,7 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
             where = {"dataset": dataset, "seed": seed}
             teachers.append(RunSpec.create(**{**values("teacher", False), **where, "model": teacher,
                                               "role": "teacher", "method": "pure"}))
+            taught_by = teachers[-1]  # the track's teacher row teaches its students, whatever their own recipe
             if raw.get("pure_student", True):
                 students.append(RunSpec.create(**{**values("student", False), **where, "model": student,
                                                   "role": "student", "method": "pure"}))
@@ -136,7 +137,8 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
                     given = {} if alpha is None else {"alpha": as_float(alpha)}
                     students.append(RunSpec.create(**{**values("student", True), **where, "model": student,
                                                       "teacher": teacher, "method": method, **given,
-                                                      "role": "student", "options": options.get(method)}))
+                                                      "role": "student", "options": options.get(method)}
+                                                   ).taught_by(taught_by))
     return teachers, students
 
 

@@ -20,7 +20,7 @@ from kd.cluster.schedulers import get_scheduler
 from kd.spec import PACK_FIELDS, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.queries import latest_runs, spec_state
-from kd.tracking.registry import teacher_run_id, teacher_uri
+from kd.tracking.registry import teacher_uri, teacher_version
 from kd.tracking.runs import lease_is_live
 
 SUBMIT, RESUME = "submit", "resume"
@@ -92,13 +92,14 @@ def observe(client: MlflowClient | None, experiment: str, now: float | None = No
         if job and (run.info.status != "FINISHED" or recent):
             asked.setdefault(job[0], set()).add(job[1])
     live = {(name, job_id) for name, ids in asked.items() for job_id in get_scheduler(name).live(ids)}
-    ready: dict[tuple[str, str, int], bool] = {}
+    ready: dict[str, bool] = {}
 
     def teacher_ready(spec: RunSpec) -> bool:
-        key = (spec.dataset, spec.teacher, spec.seed)
-        if key not in ready:
-            ready[key] = client is not None and teacher_run_id(client, *key) is not None
-        return ready[key]
+        """Whether the teacher of exactly this student's recipe (RunSpec.teacher_spec) is registered."""
+        teacher = spec.teacher_spec()
+        if teacher.key() not in ready:
+            ready[teacher.key()] = client is not None and teacher_version(client, teacher) is not None
+        return ready[teacher.key()]
 
     return Observed(runs, live, teacher_ready)
 
@@ -114,7 +115,7 @@ def classify(spec: RunSpec, run: Run | None, seen: Observed, retry_failed: bool)
         if lease_is_live(run):
             return Item(spec, SKIP_RUNNING, run, f"trained by {run.data.tags.get(T.OWNER, '?')}")
     if needs_teacher and not seen.teacher_ready(spec):
-        return Item(spec, WAIT_TEACHER, run, f"{teacher_uri(spec.dataset, spec.teacher, spec.seed)} not registered")
+        return Item(spec, WAIT_TEACHER, run, f"{teacher_uri(spec.teacher_spec())} not registered")
     if run is None:
         return Item(spec, SUBMIT)
     state = spec_state(run)

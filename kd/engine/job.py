@@ -20,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from kd.cpus import cpu_threads
 from kd.data import load_dataset
 from kd.data.inputs import dataset_inputs
 from kd.data.loader import DeviceData
@@ -44,10 +45,10 @@ from kd.models.vit import start_weights
 from kd.models.weights import fit_state_dict, load_state_dict_file, load_weights_only
 from kd.spec import PACK_FIELDS, RunOptions, RunSpec
 from kd.tracking import tags as T
-from kd.tracking.journal import JournalError, journal_root, prune
+from kd.tracking.journal import JournalError, check_root, journal_root, prune
 from kd.tracking.logged_models import model_shape
 from kd.tracking.presentation import SUMMARY_STEP, provenance_tags, summary_values
-from kd.tracking.registry import resolve_teacher
+from kd.tracking.registry import FoundTeacher, resolve_teacher
 from kd.tracking.runs import DIRECT, JOURNAL_ONLY, RunTracker, local_run_folder, read_json, runs_by_key
 from kd.tracking.sender import REGISTERED, Sender
 from kd.tracking.store import DEFAULT_EXPERIMENT, check_writable, get_client
@@ -90,12 +91,12 @@ def output_shapes(model: torch.nn.Module, data: DeviceData) -> list[torch.Size]:
         return [o.shape[1:] for o in model(x)]
 
 
-def load_teacher(spec: RunSpec, data: DeviceData, device: torch.device, found: tuple[Path, str, str | None]):
-    """The frozen teacher from `found` = (weights file, where it came from, its run if registered)."""
-    path, source, run_id = found
+def load_teacher(spec: RunSpec, data: DeviceData, device: torch.device, found: FoundTeacher) -> torch.nn.Module:
+    """The frozen teacher from the weights `found`."""
     teacher = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size)
-    fit_state_dict(teacher, load_state_dict_file(path, "teacher weights"), f"teacher weights {path}", spec.teacher)
-    return teacher.to(device).eval().requires_grad_(False), source, run_id
+    fit_state_dict(teacher, load_state_dict_file(found.path, "teacher weights"), f"teacher weights {found.path}",
+                   spec.teacher)
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def started_with(client: MlflowClient, spec: RunSpec, experiment: str) -> str | None:
@@ -123,14 +124,19 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def journal_teacher(folder: Path) -> tuple[Path, str, str | None]:
+class StoppedBeforeRun(Stopped):
+    """SIGTERM before any run was created or claimed: nothing to checkpoint, nothing to resume."""
+
+    runs_started = False
+
+
+def journal_teacher(folder: Path) -> FoundTeacher:
     """A journal-only student's teacher: the weights the submitter put in its folder."""
     path = folder / "teacher.pth"
     if not path.exists():
         raise SpecError(f"{path} is missing: journal-only students get their teacher from the submitter; "
                         "submit them again with kd submit")
-    info = read_json(folder / "teacher.json")
-    return path, info["source"], info.get("run_id")
+    return FoundTeacher(path, **read_json(folder / "teacher.json"))
 
 
 def infrastructure_failure(err: BaseException) -> bool:
@@ -177,6 +183,7 @@ def run_specs(
     dev = pick_device(options.device)
     amp = Precision.for_device(dev, options.precision)
     set_cudnn_deterministic(options.cudnn_deterministic)
+    torch.set_num_threads(threads := cpu_threads())  # the job's CPUs, not every core of the node
     root = journal_dir or journal_root()
     local = options.tracking == JOURNAL_ONLY and not journal_runs  # started by hand, without the store
     if local and any(s.teacher and not s.teacher_weights for s in specs):
@@ -186,6 +193,8 @@ def run_specs(
     if options.tracking == DIRECT:
         check_writable()
         client = get_client()
+    if not journal_runs:
+        check_root(root)
     sender = Sender(client) if client is not None else None
     with tempfile.TemporaryDirectory(prefix="kd-") as tmp_name, sigterm_flag() as should_stop:
         tmp = Path(tmp_name)
@@ -195,11 +204,13 @@ def run_specs(
             raise SpecError(f"batch_size {first.batch_size} is larger than the training set of {first.dataset} "
                             f"({len(data.train)} images): pass --batch-size {len(data.train)} or less")
         taught = [s for s in specs if s.teacher or s.teacher_weights]
-        teacher, source, teacher_run = pack_teacher(taught, specs, data, dev, client, tmp, experiment, journal_runs)
+        teacher, found = pack_teacher(taught, specs, data, dev, client, tmp, experiment, journal_runs)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
         shape = model_shape(data.num_classes, data.in_channels, data.image_size)
         provenance = provenance_tags(dev)
+        if should_stop():  # a SIGTERM while all that loaded: no run to create only to mark it KILLED
+            raise StoppedBeforeRun("it arrived before training began")
         if local:
             journal_runs = [local_run_folder(root, s, experiment, force) for s in specs]
         if journal_runs:
@@ -213,19 +224,17 @@ def run_specs(
         modes = fast.step_modes(dev, specs)
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
-                if spec in taught:
-                    tracker.set_tags({T.TEACHER_SOURCE: source})
-                    if teacher_run:  # from the registry: the teacher this student keeps after a resume
-                        tracker.set_tags({T.TEACHER_RUN: teacher_run})
+                if spec in taught:  # kd.teacher_run: the teacher this student keeps after a resume
+                    tracker.set_tags(found.tags())
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.set_tags({T.INIT_SOURCE: init_source})
                 students.append(make_student(spec, tracker, model, method, amp, graphed=mode == fast.GRAPH))
                 students[-1].tag({T.STEP_MODE: mode, T.COMPILE: compiled.ON if options.compile else compiled.OFF,
                                   T.PRECISION: amp.name, T.CUDNN_DETERMINISTIC: str(options.cudnn_deterministic).lower(),
-                                  **provenance})
+                                  T.CPU_THREADS: str(threads), **provenance})
                 tracker.record("inputs", inputs=inputs)
-                tracker.record("describe", spec=spec.to_dict(), teacher_run=teacher_run if spec in taught else None)
+                tracker.record("describe", spec=spec.to_dict(), teacher_run=found.run_id if spec in taught else None)
             with SystemSampler(trackers):
                 for student in students:
                     pretrain_once(student, teacher, data, should_stop)
@@ -251,15 +260,15 @@ def run_specs(
 
 def pack_teacher(taught: list[RunSpec], specs: list[RunSpec], data: DeviceData, dev: torch.device,
                  client: MlflowClient | None, tmp: Path, experiment: str, journal_runs: list[Path] | None,
-                 ) -> tuple[torch.nn.Module | None, str | None, str | None]:
-    """(teacher, where it comes from, its run) of the pack's taught students; Nones when none is taught.
+                 ) -> tuple[torch.nn.Module | None, FoundTeacher | None]:
+    """The teacher of the pack's taught students and where it was found; Nones when none is taught.
     A journal-only student takes the copy in its folder, any other the registry's (or its weights file)."""
     if not taught:
-        return None, None, None
+        return None, None
     spec = taught[0]
     found = (journal_teacher(journal_runs[specs.index(spec)]) if journal_runs and not spec.teacher_weights
              else resolve_teacher(client, spec, tmp, started_with(client, spec, experiment) if client else None))
-    return load_teacher(spec, data, dev, found)
+    return load_teacher(spec, data, dev, found), found
 
 
 def end_stopped(trackers: list[RunTracker], err: BaseException) -> None:
@@ -345,7 +354,8 @@ def build_parts(spec: RunSpec, data: DeviceData, device: torch.device) -> tuple[
     if spec.teacher:
         probe = create_model(spec.teacher, data.num_classes, data.in_channels, data.image_size).to(device)
         teacher_shapes = output_shapes(probe, data)
-    method = seeded_build(spec.seed + 1, lambda: build_method(spec, student_shapes, teacher_shapes)).to(device)
+    method = seeded_build(spec.seed + 1, lambda: build_method(spec, student_shapes, teacher_shapes,
+                                                              data.train.labels.cpu())).to(device)
     return model, method, init_source
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,12 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, Run, RunTag
+from mlflow.entities import Param, Run, RunTag, ViewType
 
 from kd.errors import SpecError
 from kd.spec import TRACKING_MODES, RunSpec
 from kd.tracking import tags as T
-from kd.tracking.journal import LOCAL_PREFIX, Journal, WriterLock, journal_folders, local_state
+from kd.tracking.journal import (
+    JOURNAL,
+    LEASE,
+    LOCAL_PREFIX,
+    Journal,
+    SetAside,
+    WriterLock,
+    journal_folders,
+    lease_generation,
+    local_state,
+    pending,
+    read_records,
+    set_aside,
+    store_run_id,
+)
 from kd.tracking.ledger import Ledger, owner_id
 from kd.tracking.store import experiment_id, get_client
 
@@ -52,7 +67,7 @@ def spec_tags(spec: RunSpec) -> dict[str, str]:
     """The searchable identity of a run (the tags in docs/architecture.md), spelled as its params."""
     params = spec.params()
     tags = {T.KEY: spec.key(), T.ROLE: spec.role, T.DATASET: spec.dataset, T.MODEL: spec.model,
-            T.METHOD: spec.method, T.ALPHA: params["alpha"], T.SEED: params["seed"]}
+            T.METHOD: spec.method, T.ALPHA: params["alpha"], T.SEED: params["seed"], T.RECIPE: spec.recipe()}
     if spec.teacher:
         tags[T.TEACHER] = spec.teacher
     return tags
@@ -65,6 +80,36 @@ def runs_by_key(client: MlflowClient, key: str, experiment: str) -> list[Run]:
         f"tags.`{T.KEY}` = '{key}'",
         order_by=["attributes.start_time DESC"],
     )
+
+
+def runs_made(client: MlflowClient, key: str, experiment: str) -> list[Run]:
+    """Every run ever created for one spec, deleted ones too: a run a failed submission rolled back
+    has spent its attempt's claim, so the next attempt is the one after it."""
+    return client.search_runs([experiment_id(client, experiment)], f"tags.`{T.KEY}` = '{key}'",
+                              run_view_type=ViewType.ALL)
+
+
+def claimant_gone(holder: str, now: float | None = None) -> bool:
+    """A creation claim `claimant@time` whose claimant will never create its run: it died on this
+    host, or claimed longer ago than any creation takes (its run would be counted by now)."""
+    claimant, _, stamp = holder.rpartition("@")
+    if owner_is_dead_here(claimant):
+        return True
+    try:
+        return (now or time.time()) - float(stamp) > CREATION_WAIT_S
+    except ValueError:  # a claim without a time (an older kd's): its claimant is long gone
+        return True
+
+
+def claim_creation(ledger: Ledger, exp: str, spec: RunSpec, attempt: int, claimant: str) -> tuple[int, str]:
+    """Claim the creation of the spec's run as attempt `attempt`, or the first attempt after it whose
+    claim is not held by a claimant that is gone: (the attempt, its claimant; ours if we won)."""
+    value = f"{claimant}@{time.time():.0f}"
+    while True:
+        holder = ledger.claim(attempt_key(exp, spec, attempt), value)
+        if holder == value or not claimant_gone(holder):
+            return attempt, holder.rpartition("@")[0]
+        attempt += 1
 
 
 def owner_is_dead_here(owner: str) -> bool:
@@ -101,9 +146,11 @@ def holder_is_live(holder: str, run: Run, now: float | None = None) -> bool:
     return not owner_is_dead_here(owner) and (now or time.time()) - float(stamp or 0) < LEASE_SECONDS
 
 
-def take_lease(ledger: Ledger, client: MlflowClient, spec: RunSpec, run_id: str, owner: str) -> None:
+def take_lease(ledger: Ledger, client: MlflowClient, spec: RunSpec, run_id: str, owner: str) -> int:
     """Claim the lease generation after the latest, only if that one's holder is gone: of two
-    processes resuming at once one wins, and neither takes over from a holder that is starting."""
+    processes resuming at once one wins, and neither takes over from a holder that is starting.
+    The generation won: the run's journal records it, so what an earlier holder wrote after being
+    taken over is never shipped (kd/tracking/sender.py fences it)."""
     prefix = f"{run_id}/lease"
     holders = ledger.generations(prefix)
     latest = max(holders, default=0)
@@ -112,6 +159,7 @@ def take_lease(ledger: Ledger, client: MlflowClient, spec: RunSpec, run_id: str,
     holder = ledger.claim(f"{prefix}/{latest + 1}", value := f"{owner}@{time.time():.0f}")
     if holder != value:
         raise busy(spec, holder.rpartition("@")[0], run_id)
+    return latest + 1
 
 
 def write_spec(client: MlflowClient, run_id: str, spec: RunSpec, extra_tags: dict[str, str] | None = None,
@@ -153,8 +201,8 @@ def create_spec_run(
     """A new run for the spec, SCHEDULED until a trainer claims it; None if another process claimed
     the spec's next attempt first (two submitters, or a submitter and a `kd train`)."""
     exp = experiment_id(client, experiment)
-    attempt = len(runs_by_key(client, spec.key(), experiment)) + 1
-    if Ledger(client).claim(attempt_key(exp, spec, attempt), owner := owner_id()) != owner:
+    made = len(runs_made(client, spec.key(), experiment))
+    if claim_creation(Ledger(client), exp, spec, made + 1, owner := owner_id())[1] != owner:
         return None
     run = client.create_run(exp, run_name=spec.name())
     write_spec(client, run.info.run_id, spec, extra_tags)
@@ -203,12 +251,8 @@ class RunTracker:
         owner = owner_id()
         deadline = time.monotonic() + CREATION_WAIT_S
         while True:
-            existing = runs_by_key(client, spec.key(), experiment)
+            existing = [r for r in runs_by_key(client, spec.key(), experiment) if r.info.run_id != attach_run_id]
             latest = existing[0] if existing else None
-            attempt = len(existing) + 1
-            if latest is not None and attach_run_id and latest.info.run_id == attach_run_id:
-                latest = existing[1] if len(existing) > 1 else None
-                attempt -= 1
             if latest is not None and latest.info.status == "FINISHED" and not force:
                 raise AlreadyFinished(
                     f"spec {spec.key()} already trained in run {latest.info.run_id} "
@@ -220,13 +264,16 @@ class RunTracker:
             if latest is not None and latest.info.status != "FINISHED" and not force:
                 run_id, resume = latest.info.run_id, True
                 folder = journal_root / run_id
+                if folder.is_dir():
+                    set_aside_if_taken_over(ledger, folder)
                 if folder.is_dir() and local_state(folder)["status"] == "FINISHED":  # ended while the store was away
                     raise AlreadyFinished(f"spec {spec.key()} already trained in run {run_id}: FINISHED in its journal "
                                           f"{folder}, not yet in the store: `kd sync` ships it", latest, spec)
                 if attach_run_id and attach_run_id != run_id:
                     client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
                 break
-            holder = ledger.claim(attempt_key(exp, spec, attempt), attach_run_id or owner)
+            made = [r for r in runs_made(client, spec.key(), experiment) if r.info.run_id != attach_run_id]
+            attempt, holder = claim_creation(ledger, exp, spec, len(made) + 1, attach_run_id or owner)
             if holder in (attach_run_id, owner):
                 tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if attempt > 1 else {})}
                 if attach_run_id:
@@ -241,11 +288,12 @@ class RunTracker:
                 raise busy(spec, holder, "(not created yet)")
             force = False  # the attempt is the winner's: from now on its run is the one to wait for
             time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
-        take_lease(ledger, client, spec, run_id, owner)
+        generation = take_lease(ledger, client, spec, run_id, owner)
         tags = {T.OWNER: owner, T.HEARTBEAT: f"{time.time():.0f}", T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.update_run(run_id, status="RUNNING")
         tracker = cls(run_id, spec, Journal(journal_root / run_id), resume, client, sender)
+        tracker.journal.append(LEASE, sync=True, generation=generation, owner=owner)
         if resume:
             tracker.store_steps = {"test_acc": {m.step for m in client.get_metric_history(run_id, "test_acc")}}
         if sender is not None:
@@ -311,8 +359,10 @@ class RunTracker:
         """The run's artifact: the journal folder's copy if there is one, else the store's (a resume on
         another node), else None."""
         local = self.journal.folder / artifact
-        if local.exists():
-            return local
+        return local if local.exists() else self.mirror(artifact, dst)
+
+    def mirror(self, artifact: str, dst: Path) -> Path | None:
+        """The store's copy of the run's artifact, downloaded to dst (None: none, or no store)."""
         if self.client is None:
             return None
         folder, _, name = artifact.rpartition("/")
@@ -329,6 +379,39 @@ class RunTracker:
         self.journal.close()
         if self.lock is not None:
             self.lock.release()
+
+
+class TakenOver(SetAside):
+    """The journal's records were written under a lease another process has since taken over (it
+    resumed the run from the store and recorded those epochs itself): shipping them would log them twice."""
+
+    def __init__(self, folder: Path, count: int, generation: int, latest: int, holder: str) -> None:
+        self.folder, self.count, self.generation = folder, count, generation
+        self.why = (f"written under lease generation {generation} of run {store_run_id(folder)}, which "
+                    f"{holder.rpartition('@')[0]} took over since (generation {latest}) and recorded itself")
+        super().__init__(f"{count} record(s) of {folder} are not shipped: {self.why}")
+
+
+def taken_over(ledger: Ledger, folder: Path, records: list[dict[str, Any]], count: int) -> TakenOver | None:
+    """Whether a later lease generation than the journal's own holds its run (journals without one,
+    journal-only runs, are never taken over: one folder per run)."""
+    generation = lease_generation(records)
+    if generation is None:
+        return None
+    holders = ledger.generations(f"{store_run_id(folder)}/lease")
+    latest = max(holders, default=0)
+    return TakenOver(folder, count, generation, latest, holders[latest]) if latest > generation else None
+
+
+def set_aside_if_taken_over(ledger: Ledger, folder: Path) -> None:
+    """A journal folder whose lease another process took over since (it resumed the run from the store,
+    elsewhere) is not resumed here: it is moved to `set-aside/`, and the run resumes from the store."""
+    records = read_records(folder / JOURNAL)
+    fenced = taken_over(ledger, folder, records, len(pending(folder, records)))
+    if fenced:
+        kept = set_aside(folder, fenced.generation)
+        print(f"kd: set aside {kept} ({fenced.count} record(s) not shipped): {fenced.why}; resuming from the store",
+              file=sys.stderr, flush=True)
 
 
 def local_run_folder(root: Path, spec: RunSpec, experiment: str, force: bool = False) -> Path:

@@ -22,6 +22,7 @@ TEACHER = "kd.teacher"
 METHOD = "kd.method"
 ALPHA = "kd.alpha"
 SEED = "kd.seed"
+RECIPE = "kd.recipe"  # the key without the seed (RunSpec.recipe): MLflow's group-by gathers a recipe's seeds
 GRID = "kd.grid"
 
 # What happened to the run
@@ -30,6 +31,9 @@ ERROR = "kd.error"
 ATTEMPT = "kd.attempt"
 TEACHER_SOURCE = "kd.teacher_source"
 TEACHER_RUN = "kd.teacher_run"
+TEACHER_VERSION = "kd.teacher_version"  # the registered version a student was taught by
+TEACHER_KEY = "kd.teacher_key"  # that teacher's spec key (RunSpec.teacher_spec)
+TEACHER_SHA256 = "kd.teacher_sha256"  # digest of the teacher weights the student loaded
 INIT_SOURCE = "kd.init_source"
 SOURCE = "kd.source"  # "legacy" for imported runs
 
@@ -38,6 +42,7 @@ PRECISION = "kd.precision"
 STEP_MODE = "kd.step_mode"
 COMPILE = "kd.compile"
 CUDNN_DETERMINISTIC = "kd.cudnn_deterministic"
+CPU_THREADS = "kd.cpu_threads"  # torch's threads: the CPUs the job was given (kd/cpus.py)
 VERSION = "kd.version"
 COMMAND = "kd.command"
 GPU = "kd.gpu"
@@ -45,12 +50,15 @@ GPU_DRIVER = "kd.gpu_driver"
 TORCH = "kd.torch"
 CUDA = "kd.cuda"
 CUDNN = "kd.cudnn"
-PROVENANCE = (VERSION, COMMAND, GPU, GPU_DRIVER, TORCH, CUDA, CUDNN, PRECISION, CUDNN_DETERMINISTIC)
+PROVENANCE = (VERSION, COMMAND, GPU, GPU_DRIVER, TORCH, CUDA, CUDNN, PRECISION, CUDNN_DETERMINISTIC, CPU_THREADS)
 
 # Analysis runs
 ANALYSIS = "kd.analysis"
 ANALYSIS_GRID = "kd.analysis_grid"
 PROBE_SIZE = "kd.probe_size"
+SEEDS = "kd.seeds"  # a summary run's seeds, "0,1,2"
+SEED_RUNS = "kd.seed_runs"  # a summary run's seed runs, their ids comma-separated
+DIGEST = OPS + "digest"  # what a summary run was computed from: `kd report` redoes it only when it changed
 
 # Operations: the lease, the cluster job, the plotter
 OWNER = OPS + "owner"  # host:pid:nonce of the process training the run

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from kd.errors import SpecError
-from kd.flags import add_option_flags, add_spec_flags, flag, spec_from_args
+from kd.flags import add_option_flags, add_spec_flags, add_teacher_version_flag, flag, spec_from_args
 from kd.spec import RunOptions, RunSpec
 from kd.tuning import PRUNERS, SAMPLERS
 
@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
                                    "validation split held out of the training set; every trial is an MLflow "
                                    "child run of the study's run. See docs/tuning.md.")
     add_spec_flags(p, skip={"model", "role"})
+    add_teacher_version_flag(p)
     p.add_argument("--student", default=None, help=f"student model (default {RunSpec.model})")
     g = p.add_argument_group("study")
     g.add_argument(*flag("trials"), type=int, default=None,
@@ -105,7 +106,7 @@ def study_config(args: argparse.Namespace) -> Any:
         args.val_fraction = DEFAULT_VAL_FRACTION
     if args.method not in (None, "pure") and args.teacher is None and args.teacher_weights is None:
         args.teacher = RunSpec.TEACHER_MODEL
-    base = spec_from_args(args, model=args.student, role="student")
+    base = taught_on_all_images(spec_from_args(args, model=args.student, role="student"), args.teacher_version)
     space = build_space(base.method, args.params, args.ranges)
     fixed = [d.name for d in space
              if getattr(args, d.name, None) is not None or getattr(args, f"opt.{d.name}", None) is not None]
@@ -114,6 +115,18 @@ def study_config(args: argparse.Namespace) -> Any:
     return StudyConfig(base, tuple(space), trials=DEFAULT_TRIALS if args.trials is None else args.trials,
                        sampler=args.sampler, pruner=args.pruner, pruner_startup_trials=args.pruner_startup_trials,
                        pruner_warmup_epochs=args.pruner_warmup_epochs)
+
+
+def taught_on_all_images(base: RunSpec, teacher_version: str | None) -> RunSpec:
+    """Trials hold a validation split out of the student's training images; their teacher is the one
+    of their recipe trained on all of them (or the registered teacher --teacher-version names)."""
+    from kd.tracking.registry import with_teacher_version
+    from kd.tracking.store import get_client
+
+    if teacher_version is not None:
+        return with_teacher_version(get_client(), base, teacher_version)
+    teacher = base.teacher_spec()
+    return base if teacher is None else base.taught_by(teacher.replace(val_fraction=0.0))
 
 
 def print_summary(s: Any) -> None:

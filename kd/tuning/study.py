@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import tempfile
 import time
 import warnings
@@ -33,7 +32,7 @@ from kd.engine.job import run_specs
 from kd.engine.trainer import Stopped, Student, TrainingDiverged
 from kd.errors import SpecError
 from kd.spec import RunOptions, RunSpec
-from kd.tracking.registry import MissingTeacher, teacher_run_id, teacher_uri
+from kd.tracking.registry import missing_teacher, teacher_version
 from kd.tracking.runs import RunRefused
 from kd.tracking.store import experiment_id, get_client
 from kd.tuning import PRUNERS, SAMPLERS
@@ -348,7 +347,7 @@ def finalize(study: optuna.Study, config: StudyConfig, parent: str, experiment: 
         if runs:
             summary.best_run_id = runs[0].info.run_id
             summary.best_test_acc = runs[0].data.metrics.get("final_test_acc")
-        summary.command = command_for(trial_spec(config.base, best.params).replace(val_fraction=0.0))
+        summary.command = trial_spec(config.base, best.params).replace(val_fraction=0.0).command(skip=("val_fraction",))
         metrics["best_val_acc"] = best.value
         metrics.update({f"best_{k}": float(v) for k, v in best.params.items()})
         if summary.best_test_acc is not None:
@@ -389,32 +388,11 @@ def log_plots(client: MlflowClient, parent: str, study: optuna.Study, complete: 
             client.log_artifact(parent, str(path), "plots")
 
 
-def command_for(spec: RunSpec) -> str:
-    """The `kd distill` (or `kd train` for pure) command that trains `spec` on the whole training set."""
-    pure = spec.method == "pure"
-    ref = RunSpec.create(method=spec.method, teacher=spec.teacher, teacher_weights=spec.teacher_weights,
-                         role=spec.role)
-    words = ["kd", "train", "--model", spec.model, "--role", spec.role] if pure else \
-        ["kd", "distill", "--method", spec.method, "--student", spec.model]
-    skip = {"model", "role", "method", "options", "val_fraction"}
-    always = {"dataset", "seed", "epochs", "teacher"}
-    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(RunSpec) if f.name not in skip}
-    changed = {k: v for k, v in values.items() if v is not None and (k in always or v != getattr(ref, k))}
-    changed.update({k: v for k, v in spec.options.items() if v != ref.options[k]})
-    for name, value in changed.items():
-        text = ",".join(map(str, value)) if isinstance(value, tuple) else \
-            f"{value:.6g}" if isinstance(value, float) else str(value)
-        words += ["--" + name.replace("_", "-"), text]
-    return shlex.join(words)
-
-
 def check_teacher(spec: RunSpec) -> None:
-    """Refuse before anything is created when the teacher is not registered yet."""
-    if spec.teacher is None or spec.teacher_weights:
-        return
-    if teacher_run_id(get_client(), spec.dataset, spec.teacher, spec.seed) is None:
-        uri = teacher_uri(spec.dataset, spec.teacher, spec.seed)
-        raise MissingTeacher(f"no registered teacher {uri}: train it first with `{spec.teacher_spec_hint()}`")
+    """Refuse before anything is created when the teacher of the study's recipe is not registered yet."""
+    teacher = spec.teacher_spec()
+    if teacher is not None and teacher_version(get_client(), teacher) is None:
+        raise missing_teacher(get_client(), spec)
 
 
 def default_study_name(base: RunSpec) -> str:
