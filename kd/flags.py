@@ -55,7 +55,7 @@ def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
         return milestones
     if isinstance(default, int):
         return int
-    if isinstance(default, float) or name == "label_smoothing":
+    if isinstance(default, float) or name in ("label_smoothing", "ce_weight"):
         return float
     return text_or_none
 
@@ -110,6 +110,7 @@ class Parser(argparse.ArgumentParser):
 # Defaults that depend on other values, as --help states them (the values are RunSpec's).
 DEPENDENT_DEFAULTS = {"alpha": f"{RunSpec.DISTILL_ALPHA:g} with a teacher, 0 for pure runs",
                       "label_smoothing": "0.1 for pure runs, 0 with a teacher",
+                      "ce_weight": "1 - alpha (the field's feature methods: 1)",
                       "model": f"{RunSpec.TEACHER_MODEL} for a teacher, {RunSpec.model} for a pure student"}
 
 

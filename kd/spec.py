@@ -23,7 +23,7 @@ ROLES = ("teacher", "student")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 # Fields added after runs existed: left out of the key while unset, so those runs keep their keys.
-KEY_OPTIONAL = ("init_weights", "teacher_recipe")
+KEY_OPTIONAL = ("init_weights", "teacher_recipe", "ce_weight")
 # What the students of one pack share (`kd job` trains them with one data stream and teacher).
 PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fraction", "train_limit", "teacher_weights",
                "teacher_recipe")
@@ -32,8 +32,8 @@ PACK_FIELDS = ("dataset", "seed", "teacher", "batch_size", "epochs", "val_fracti
 TEACHER_SHARED = ("dataset", "seed", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
                   "milestones", "train_limit", "val_fraction")
 # What no teacher_recipe may change: the teacher's identity beside its recipe.
-NOT_TEACHER_RECIPE = ("dataset", "seed", "model", "teacher", "method", "role", "alpha", "options", "teacher_weights",
-                      "teacher_recipe")
+NOT_TEACHER_RECIPE = ("dataset", "seed", "model", "teacher", "method", "role", "alpha", "ce_weight", "options",
+                      "teacher_weights", "teacher_recipe")
 
 
 # A run whose accuracy stays below this many times chance (100 / classes) has collapsed: the beta
@@ -110,6 +110,9 @@ class RunSpec:
     method: str = "pure"
     role: str = "student"
     alpha: float = 0.0  # loss = (1 - alpha) * CE + alpha * distill; 0 for pure runs
+    # The CE term's weight when it is not 1 - alpha: the field's recipes weigh CE by 1 beside a feature
+    # term weighted by alpha (FitNets' 1 * CE + 100 * hint: ce_weight 1, the method's own weight 100).
+    ce_weight: float | None = None
     temperature: float = 4.0
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options, defaults filled
     seed: int = 0
@@ -179,6 +182,9 @@ class RunSpec:
             _one_of("teacher", self.teacher, MODELS, "kd models")
         if not 0.0 <= self.alpha <= 1.0:
             raise SpecError(f"alpha {self.alpha} is outside [0, 1]: pass --alpha between 0 and 1")
+        if self.ce_weight is not None and (self.method == "pure" or not 0.0 <= self.ce_weight <= 10.0):
+            raise SpecError(f"ce_weight {self.ce_weight}: the CE weight of a distillation run is between 0 and "
+                            "10 (pure runs have CE alone): drop --ce-weight, or pass one such as 1")
         if not self.temperature > 0:
             raise SpecError(f"temperature {self.temperature} must be positive: pass --temperature > 0")
         for name, value in [*((f, getattr(self, f)) for f in FLOAT_FIELDS), *self.options.items()]:
@@ -288,6 +294,10 @@ class RunSpec:
         models = f"{self.teacher}-to-{self.model}" if self.teacher else self.model
         return f"{label}-a{self.alpha:g}-s{self.seed}-{self.dataset}-{models}"
 
+    def loss_weights(self) -> tuple[float, float]:
+        """(CE weight, distillation weight): `loss_total = ce * loss_ce + distill * loss_distill`."""
+        return (1.0 - self.alpha if self.ce_weight is None else self.ce_weight), self.alpha
+
     def recipe(self) -> str:
         """The key without the seed (tag `kd.recipe`): the runs of one recipe over seeds share it."""
         d = json.loads(self.canonical_json())
@@ -344,7 +354,7 @@ class RunSpec:
 KINDS = {"str": "a text", "int": "a whole number", "float": "a number", "tuple": "a list of whole numbers",
          "dict": "a mapping of option names to values"}
 EXAMPLES = {"str": "NAME", "float": 0.1, "tuple": "60,120", "dict": "those of kd methods"}
-FLOAT_FIELDS = ("alpha", "temperature", "lr", "momentum", "weight_decay", "label_smoothing", "val_fraction")
+FLOAT_FIELDS = ("alpha", "ce_weight", "temperature", "lr", "momentum", "weight_decay", "label_smoothing", "val_fraction")
 MAX_SEED = 2**31
 
 

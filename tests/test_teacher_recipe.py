@@ -16,7 +16,7 @@ from kd.cluster.grids import load_grid
 from kd.cluster.planner import SUBMIT, WAIT_TEACHER, observe, plan
 from kd.engine.job import run_specs
 from kd.spec import RunSpec
-from kd.tracking.registry import alias, default_teacher, teacher_version
+from kd.tracking.registry import alias, default_teacher, teacher_version, teachers_by_recipe
 from tests.conftest import CPU, run_kd
 
 PILOT = """experiment: {experiment}
@@ -74,6 +74,9 @@ def test_a_pilot_grids_teacher_never_satisfies_the_full_grid(store: str, tmp_pat
     versions = {alias(t): teacher_version(client, t) for t in (pilot_teacher, full_teacher)}
     assert len(versions) == 2 and all(v is not None and alias_ in v.aliases for alias_, v in versions.items())
     assert all("seed0" not in v.aliases for v in versions.values())
+    listed = teachers_by_recipe(client, list(load_grid(str(full)).specs))  # what kd status shows
+    assert [alias(full_teacher) in line for line in listed if "this grid's" in line] == [True]
+    assert any(alias(pilot_teacher) in line and "epochs=1" in line for line in listed)
 
 
 def test_distill_with_another_recipe_refuses_then_records_the_teacher_it_was_told(store: str) -> None:

@@ -102,8 +102,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from kd.cluster.grids import load_grid
     from kd.cluster.submit import journals_dir
     from kd.spec import RunSpec
-    from kd.tracking.journal import journal_folders, journal_root, local_state, pending
+    from kd.tracking.journal import journal_root
     from kd.tracking.queries import NEW, SpecStatus, format_summary, latest_runs, summarize
+    from kd.tracking.registry import teachers_by_recipe
     from kd.tracking.runs import read_config
     from kd.tracking.store import experiment_id, get_client, ui_hint
 
@@ -119,14 +120,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = summarize(client, specs, experiment) if exists else [SpecStatus(s, None, NEW) for s in specs]
     print(f"experiment {experiment}:")
     print(format_summary(rows))
+    teachers = teachers_by_recipe(client, specs)
+    if teachers:
+        print("registered teachers (students are taught only by their own recipe's):", *teachers, sep="\n")
     roots = [journal_root()] + ([journals_dir(grid.job.resolved())] if grid else [])
-    unsynced = [local_state(f) for f in journal_folders(roots) if pending(f)]
-    for state in unsynced:
-        print(f"unsynced: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
-              f"journal): {state['pending']} record(s) in {state['folder']}; kd sync ships them")
+    print_unsynced(client, roots)
     if exists:
         print(ui_hint(experiment_id(client, experiment)))
     return 0
+
+
+def print_unsynced(client: Any, roots: list[Path]) -> None:
+    """The journals' records the store lacks, one line per run: those kd sync ships, those it sets
+    aside (another process took the run over), and journals it cannot read (file and line)."""
+    from kd.tracking.journal import JOURNAL, BadJournal, journal_folders, local_state, read_records
+    from kd.tracking.ledger import Ledger, find_ledger
+    from kd.tracking.runs import taken_over
+
+    found = find_ledger(client)  # status only reads: no ledger is created
+    for folder in journal_folders(roots):
+        try:
+            state = local_state(folder)
+            fenced = state["pending"] and found and taken_over(Ledger(client, found), folder,
+                                                               read_records(folder / JOURNAL), state["pending"])
+        except BadJournal as err:
+            print(f"unreadable: {err}")
+            continue
+        if fenced:
+            print(f"taken over: {fenced}; kd sync sets them aside")
+        elif state["pending"]:
+            print(f"unsynced: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
+                  f"journal): {state['pending']} record(s) in {state['folder']}; kd sync ships them")
 
 
 def cmd_cron(args: argparse.Namespace) -> int:

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.data.loader import DeviceData, Split
+from kd.data.loader import DeviceData, Extras, Split
 from kd.engine.checkpoint import CheckpointStore
 from kd.engine.compiled import CompiledForwards
 from kd.faults import crash_point
-from kd.methods.base import LOSS_CE, LOSS_DISTILL, LOSS_TOTAL, Method
+from kd.methods.base import INDEX, LOSS_CE, LOSS_DISTILL, LOSS_TOTAL, STRONG_VIEW, Method
 from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.runs import RunTracker
@@ -211,22 +211,38 @@ def teacher_forward(teacher: nn.Module | None, x: Tensor, precision: Precision) 
         return teacher(x)
 
 
+def method_inputs(method: Method, model: Callable[[Tensor], list[Tensor]], extras: Extras) -> dict[str, Any]:
+    """The keyword arguments of `method.forward` that its `inputs` ask for (kd/methods/base.py): the
+    batch's indices; the student's (forward here) and the teacher's outputs on the strong view."""
+    given: dict[str, Any] = {}
+    if INDEX in method.inputs:
+        given["index"] = extras[INDEX]
+    if STRONG_VIEW in method.inputs:
+        given["student_strong"] = model(extras[STRONG_VIEW])
+        given["teacher_strong"] = extras[TEACHER_STRONG]
+    return given
+
+
 def student_losses(
     s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, precision: Precision,
-    forward: Callable[[Tensor], list[Tensor]] | None = None,
+    forward: Callable[[Tensor], list[Tensor]] | None = None, extras: Extras | None = None,
 ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
     """A student's outputs, its loss, and what is logged of it, one meaning per name in every method:
     `loss_total` (what is optimised), `loss_ce`, and for KD `loss_distill` (the sum of the method's
-    terms, before alpha) and the terms themselves. `forward`: the model's compiled stand-in, if any."""
+    terms, before alpha) and the terms themselves. `forward`: the model's compiled stand-in, if any;
+    `extras`: the batch's extra inputs, for a method that asks (`Method.inputs`)."""
     spec = s.spec
+    model = s.model if forward is None else forward
     with precision.autocast():
-        out = (s.model if forward is None else forward)(x)
+        out = model(x)
         ce = F.cross_entropy(out[-1].float(), y, label_smoothing=spec.label_smoothing)
-        terms = s.method(out, teacher_out, y, epoch)
+        given = method_inputs(s.method, model, extras) if s.method.inputs else {}
+        terms = s.method(out, teacher_out, y, epoch, **given)
         if not terms:
             return out, ce, {LOSS_TOTAL: ce, LOSS_CE: ce}
         distill = sum(terms.values())
-        loss = (1 - spec.alpha) * ce + spec.alpha * distill
+        ce_weight, distill_weight = spec.loss_weights()
+        loss = ce_weight * ce + distill_weight * distill
     return out, loss, {LOSS_TOTAL: loss, LOSS_CE: ce, LOSS_DISTILL: distill, **terms}
 
 
@@ -288,6 +304,7 @@ class Tally:
 
 
 Forward = Callable[[Tensor], list[Tensor]]
+TEACHER_STRONG = "teacher_strong"  # the batch's extra: the teacher's outputs on the STRONG_VIEW
 
 
 class Trainer:
@@ -352,13 +369,14 @@ class Trainer:
         for s in active:
             s.model.train()
             s.method.train()
-        batches = self.data.train_batches(epoch, bs, start)
+        wants = frozenset().union(*(s.method.inputs for s in active))  # empty for most packs: no extra work
+        batches = self.data.train_batches_with(epoch, bs, start, wants)
         if self.progress:
             from tqdm import tqdm
 
             batches = tqdm(batches, total=steps - start, desc=f"epoch {epoch}/{self.spec.epochs}", leave=False)
-        for b, (x, y) in enumerate(batches, start):
-            self.train_batch([s for s in active if s.batch <= b and self.alive(s)], x, y, epoch, b)
+        for b, (x, y, extras) in enumerate(batches, start):
+            self.train_batch([s for s in active if s.batch <= b and self.alive(s)], x, y, epoch, b, extras)
             if self.should_stop() and b + 1 < steps:
                 self.settle()
                 for s in active:
@@ -367,18 +385,27 @@ class Trainer:
                 raise Stopped(f"stopped at epoch {epoch}, batch {b + 1}/{steps}")
         self.settle()
 
-    def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int) -> None:
-        """One batch: the teacher once, then each student's step."""
+    def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int,
+                    extras: Extras | None = None) -> None:
+        """One batch: the teacher once (and once on the strong view, if asked), then each student's step."""
         self.epoch = epoch
         forwards = self.full_batch_forwards(x, y, self.precision)
         teacher_out = teacher_forward(forwards(self.teacher), x, self.precision)
+        extras = self.teacher_views(extras, forwards, self.precision)
         for s in stepping:
-            self.eager_step(s, x, y, teacher_out, epoch, b, forwards(s.model))
+            self.eager_step(s, x, y, teacher_out, epoch, b, forwards(s.model), extras)
+
+    def teacher_views(self, extras: Extras | None, forwards: Callable[[nn.Module], Any],
+                      precision: Precision) -> Extras:
+        """The batch's extras, with the teacher's outputs on the strong view where there is one."""
+        if not extras or STRONG_VIEW not in extras:
+            return extras or {}
+        return {**extras, TEACHER_STRONG: teacher_forward(forwards(self.teacher), extras[STRONG_VIEW], precision)}
 
     def eager_step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int, b: int,
-                   forward: Forward | None = None) -> None:
+                   forward: Forward | None = None, extras: Extras | None = None) -> None:
         """A student's step, then the guard's read of it: a diverged student leaves the pack."""
-        self.step(s, x, y, teacher_out, epoch, b + 1, forward)
+        self.step(s, x, y, teacher_out, epoch, b + 1, forward, extras=extras)
         self.check([s])
         if self.alive(s):
             self.stepped(s, len(y), b)
@@ -401,11 +428,13 @@ class Trainer:
         return self.forwards
 
     def step(self, s: Student, x: Tensor, y: Tensor, teacher_out: list[Tensor] | None, epoch: int,
-             step: Tensor | int, forward: Forward | None = None, precision: Precision | None = None) -> None:
+             step: Tensor | int, forward: Forward | None = None, precision: Precision | None = None,
+             extras: Extras | None = None) -> None:
         """The one step body, eager or captured in a CUDA graph: loss, backward, optimiser step (fp16:
         through the GradScaler) and the tally of what is logged, with no host read. `step` is the
         1-based step number the guard reports (a device tensor inside a graph)."""
-        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, precision or self.precision, forward)
+        out, loss, logged = student_losses(s, x, y, teacher_out, epoch, precision or self.precision, forward,
+                                           extras)
         s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is None:
             loss.backward()

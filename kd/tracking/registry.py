@@ -177,6 +177,26 @@ def describe_version(version: ModelVersion) -> str:
     return f"version {version.version} ({aliases}: {version.tags.get('recipe', '?')})"
 
 
+def teachers_by_recipe(client: MlflowClient, specs: list[RunSpec]) -> list[str]:
+    """For `kd status`: per (dataset, teacher model, seed) the specs name, every registered teacher with
+    its alias and recipe, and whether the specs' students are taught by it or still wait for theirs."""
+    needed: dict[tuple[str, str, int], set[str]] = {}
+    for spec in specs:
+        teacher = spec if spec.role == "teacher" else spec.teacher_spec()
+        if teacher is not None:
+            needed.setdefault((teacher.dataset, teacher.model, teacher.seed), set()).add(teacher.key())
+    lines = []
+    for (dataset, model, seed), keys in sorted(needed.items()):
+        found = registered_teachers(client, dataset, model, seed)
+        for version in found:
+            used = "  <- this grid's" if version.tags.get(T.KEY) in keys else ""
+            lines.append(f"  {registered_name(dataset, model)} {describe_version(version)}{used}")
+        waiting = len(keys - {v.tags.get(T.KEY) for v in found})
+        if waiting:
+            lines.append(f"  {registered_name(dataset, model)} seed {seed}: {waiting} recipe(s) not registered yet")
+    return lines
+
+
 @dataclass(frozen=True)
 class FoundTeacher:
     """A student's teacher weights and where they came from, recorded on the student as tags."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +20,30 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from kd.errors import SpecError
 from kd.faults import crash_point
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.journal import (
+    JOURNAL,
     STORE_RUN_ID,
+    BadJournal,
     JournalError,
+    SetAside,
     journal_folders,
     local_state,
     mark_shipped,
     pending,
     prune,
+    read_records,
+    set_aside,
     store_run_id,
 )
+from kd.tracking.ledger import Ledger
 from kd.tracking.logged_models import log_trained_model, run_model_id
 from kd.tracking.presentation import describe_run, log_dataset_inputs
 from kd.tracking.registry import register_teacher
-from kd.tracking.runs import create_spec_run, read_json
+from kd.tracking.runs import TakenOver, create_spec_run, read_json, taken_over
 
 MAX_BACKOFF_S = 30.0
 HEARTBEAT_SECONDS = 30
@@ -43,7 +52,7 @@ REGISTERED = "registered"  # the journal folder's note of what a shipped `regist
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 
 
-class RunGone(JournalError):
+class RunGone(SetAside):
     """The store refuses the journal's run (deleted, or not there): nothing to ship it to."""
 
 
@@ -52,14 +61,23 @@ def refused(err: MlflowException) -> bool:
     return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_STATE") or "must be in the 'active' state" in str(err)
 
 
-def ship(client: MlflowClient, folder: Path) -> int:
+def ship(client: MlflowClient, folder: Path, ledger: Ledger | None = None) -> int:
     """Ship one journal's pending records, in order; the number shipped. Raises what the store raised
-    (the caller retries later), or RunGone in one line when the store has no such run."""
-    records = pending(folder)
+    (the caller retries later), or SetAside in one line: the store has no such run (RunGone), a line
+    of the journal is not a record (BadJournal, raised before anything is shipped), or another
+    process has taken the run over (TakenOver)."""
+    every = read_records(folder / JOURNAL)
+    records = pending(folder, every)
+    if not records:
+        return 0
+    fenced = taken_over(ledger or Ledger(client), folder, every, len(records))
+    if fenced:
+        raise fenced
     run_id = store_run_id(folder)
     shipped = 0
+    records = latest_artifacts(records)
     try:
-        if records and records[0]["op"] == "create":
+        if records[0]["op"] == "create":
             run_id = create_local_run(client, folder, records.pop(0))
         for chunk in chunks(records):
             apply(client, run_id, folder, chunk)
@@ -73,10 +91,21 @@ def ship(client: MlflowClient, folder: Path) -> int:
     return shipped
 
 
+def latest_artifacts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records without the artifact uploads a later pending record repeats: each upload sends the
+    file as it is now, so after a long outage (160 checkpoint records) each artifact path goes once."""
+    last = {(r["path"], r.get("dir")): r["seq"] for r in records if r.get("op") == "artifact"}
+    return [r for r in records if r.get("op") != "artifact" or last[(r["path"], r.get("dir"))] == r["seq"]]
+
+
 def create_local_run(client: MlflowClient, folder: Path, record: dict[str, Any]) -> str:
     """The store's run for a journal started without it; created once (a crash after creating it
     and before noting its id leaves one SCHEDULED run, which the next create claims past)."""
-    spec = RunSpec.from_dict(read_json(folder / "config.json"))
+    try:
+        spec = RunSpec.from_dict(read_json(folder / "config.json"))
+    except (OSError, ValueError, TypeError, SpecError) as err:
+        raise BadJournal(f"{folder / 'config.json'} is not a run's spec ({str(err).splitlines()[0][:160]}): this "
+                         "journal is set aside (the others are shipped); restore the file, then run kd sync again") from None
     run_id = store_run_id(folder)
     while run_id is None:
         run_id = create_spec_run(client, spec, record["experiment"], {T.JOURNAL: str(folder)})
@@ -132,6 +161,8 @@ def apply(client: MlflowClient, run_id: str, folder: Path, chunk: list[dict[str,
     elif op == "model":  # once: a logged model of the run exists after a crash between logging and noting it
         if run_model_id(client, run_id) is None:
             log_trained_model(client, run_id, record["spec"], str(folder / record["path"]), record["shape"])
+    elif op == "lease":  # the journal's own note of the lease its process held (see taken_over)
+        pass
     elif op == "register":
         model_id = run_model_id(client, run_id)
         if model_id is None:
@@ -154,7 +185,8 @@ class Sender:
         self.heartbeat = heartbeat
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.gone: dict[str, RunGone] = {}
+        self.gone: dict[str, SetAside] = {}
+        self.ledger: Ledger | None = None  # found at the first shipment (the store may be away at the start)
         self.outage_since: float | None = None
         self.thread = threading.Thread(target=self.loop, name="kd-sender", daemon=True)
 
@@ -173,11 +205,12 @@ class Sender:
                 if self.heartbeat and time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                     self.beat()
                     last_beat = time.monotonic()
+                self.ledger = self.ledger or Ledger(self.client)
                 for folder in self.folders:
                     if folder.name not in self.gone:
                         try:
-                            ship(self.client, folder)
-                        except RunGone as err:
+                            ship(self.client, folder, self.ledger)
+                        except SetAside as err:
                             self.gone[folder.name] = err
                             print(f"kd: {err}", file=sys.stderr, flush=True)
                 if self.outage_since is not None:
@@ -198,7 +231,8 @@ class Sender:
     def beat(self) -> None:
         stamp = f"{time.time():.0f}"
         for folder in self.folders:
-            self.client.log_batch(folder.name, tags=[RunTag(T.HEARTBEAT, stamp)])
+            if folder.name not in self.gone:  # a run taken over is another process's to beat for
+                self.client.log_batch(folder.name, tags=[RunTag(T.HEARTBEAT, stamp)])
 
     def poke(self) -> None:
         self.wake.set()
@@ -222,20 +256,40 @@ class Sender:
             self.thread.join(timeout=10)
 
 
-def sync_journals(roots: list[Path], client: MlflowClient | None = None) -> bool:
+def sync_journals(roots: list[Path], client: MlflowClient | None = None,
+                  lock: Callable[[], AbstractContextManager[Any]] = nullcontext) -> bool:
     """`kd sync` and every submit round: ship every journal under roots; one line per run shipped or
-    refused. False if any journal could not be shipped (the others are shipped regardless)."""
-    from kd.tracking.store import get_client  # late by habit, not need: kd.tracking.runs above loads it
+    set aside. False if a journal could not be shipped (the others are shipped regardless); a
+    journal another process took over is moved to `set-aside/` beside it, kept, and not an error.
+    `lock` is taken only when there is something to ship: with nothing to ship, the store is not
+    opened (a read-only one can be synced, and nothing is written beside it)."""
+    from kd.tracking.store import get_client  # the store module checks the URI: only when syncing
 
-    folders = [f for f in journal_folders(roots) if pending(f)]
+    folders, ok = [], True
+    for folder in journal_folders(roots):
+        try:
+            if pending(folder):
+                folders.append(folder)
+        except BadJournal as err:
+            print(f"kd: {err}", file=sys.stderr, flush=True)
+            ok = False
     if not folders:
-        return True
-    client = client or get_client()
-    ok = True
+        return ok
+    with lock():
+        return ship_all(folders, client or get_client()) and ok
+
+
+def ship_all(folders: list[Path], client: MlflowClient) -> bool:
+    """Ship each journal; a journal set aside is said in one line and the others are shipped."""
+    ledger, ok = Ledger(client), True
     for folder in folders:
         try:
-            n = ship(client, folder)
-        except RunGone as err:
+            n = ship(client, folder, ledger)
+        except TakenOver as fenced:
+            kept = set_aside(folder, fenced.generation)
+            print(f"kd sync: set aside {fenced.count} record(s) of {folder}, kept in {kept}: {fenced.why}", flush=True)
+            continue
+        except SetAside as err:
             print(f"kd: {err}", file=sys.stderr, flush=True)
             ok = False
             continue
