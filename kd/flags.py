@@ -49,10 +49,20 @@ def text_or_none(text: str) -> str | None:
     return None if text in ("", "None", "none") else text
 
 
+def boolean(text: str) -> bool:
+    """`--logit-standardize true`: true/false, yes/no, on/off or 1/0."""
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
 def _parser_for(name: str, default: Any) -> Callable[[str], Any]:
     """How to read a flag's text, from the field's default value (argparse names the function in errors)."""
     if name == "milestones":
         return milestones
+    if isinstance(default, bool):  # before int: a bool is an int
+        return boolean
     if isinstance(default, int):
         return int
     if isinstance(default, float) or name in ("label_smoothing", "ce_weight"):
