@@ -221,7 +221,7 @@ def test_report_writes_tables_plots_and_report_json(client: MlflowClient, tmp_pa
     assert {"final_mean", "final_std", "d_pure_final", "d_teacher_best", "collapsed", "missing"} <= set(summary_csv)
     assert len(pd.read_csv(out / "runs.csv")) == 19
     stems = {p.stem for p in (out / "plots").iterdir()}
-    assert stems == {f"{kind}_{d}_{m}" for kind in ("curves", "alpha", "bars")
+    assert stems == {f"{kind}_{d}_{m}" for kind in ("curves", "alpha", "dots")
                      for d, m in (("cifar10", "ResNet8"), ("cifar100", "ResNet8"), ("cifar10", "ViTStudent"))}
     for path in (out / "plots").iterdir():
         assert_image(path)
@@ -242,6 +242,8 @@ def test_two_recipes_of_one_method_and_alpha_are_two_flagged_rows(client: Mlflow
     assert len(students) == 2 and set(students.recipe_differs) == {"epochs=3", "epochs=15"}
     md = (tmp_path / "r" / "summary.md").read_text()
     assert md.count("separate recipe: epochs=3") == 2 and md.count("separate recipe: epochs=15") == 2
+    # seeds 0 and 1 of the 3-epoch students pair with the newer 15-epoch teachers: their Δ teacher says so
+    assert md.count("Δ teacher across recipes: epochs 3 vs 15/3") == 1 and md.count("across recipes") == 1
     methodology = (tmp_path / "r" / "methodology.md").read_text()
     assert "| cifar10 |" in methodology and "Training hours" in methodology
 

@@ -71,7 +71,9 @@ def expected_seeds(args: argparse.Namespace) -> list[int] | None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from kd.analysis.collect import log_analysis
-    from kd.analysis.report import REPORT_KEYS, build_report
+    from kd.analysis.field import ran_text
+    from kd.analysis.report import REPORT_KEYS, gather, write_report
+    from kd.analysis.summaries import log_summaries, recipe_summaries
     from kd.analysis.tables import COLLAPSE_FACTOR
     from kd.tracking.store import get_client
 
@@ -80,14 +82,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SpecError("--collapse-factor must be positive: pass e.g. --collapse-factor 2")
     client = get_client()
     args.experiment = experiment_of(args)
-    report = build_report(client, args.experiment, args.out, grid=args.grid, seeds=expected_seeds(args),
-                          metric=args.metric, dataset=args.dataset, collapse_factor=factor)
+    material = gather(client, args.experiment, args.grid, expected_seeds(args), factor)
+    report = write_report(material, args.out, args.metric, args.dataset)
+    logged, unchanged = log_summaries(client, args.experiment, recipe_summaries(material.runs, material.curves))
     tags = {T.ANALYSIS_GRID: args.grid} if args.grid else {}  # not kd.grid: it is no grid run
     run_id, target = log_analysis(client, args.experiment, "report", args.out, tags)
     for name, entry in report.items():
         values = ", ".join(f"{k}={'n/a' if entry[k] is None else format(entry[k], '.4f')}" for k in REPORT_KEYS)
         print(f"{name}: {values} ({entry.get('dataset', 'no runs')})")
-    print(f"report written to {args.out} and logged as run {run_id} ('analysis') in experiment '{target}'")
+    if not material.field.empty:
+        print(f"\nThe field's table beside kd's (best and last epoch: mean ± sd over seeds):\n{ran_text(material.field)}")
+    print(f"report written to {args.out} and logged as run {run_id} ('analysis') in experiment '{target}', "
+          f"with {logged + unchanged} summary runs, one per recipe ({logged} logged, {unchanged} unchanged)")
     return 0
 
 

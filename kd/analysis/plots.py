@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 
 from kd.analysis.collect import histories, training_runs
+from kd.analysis.summaries import epoch_stats
 from kd.analysis.tables import Panel, best_kd, panel, panels
 from kd.methods.base import LOSS_CE
 from kd.tracking import tags as T
@@ -57,16 +58,32 @@ def grid_figure(rows: int, cols: int, width: float = 4.0, height: float = 3.0) -
 
 
 def band(ax: Axes, curves: pd.DataFrame, run_ids: pd.Series, label: str, **style: object) -> None:
-    """Mean curve over runs with a ± std band (a line only, for a single run)."""
-    points = curves[curves.run_id.isin(run_ids)]
-    if points.empty:
+    """Mean curve over runs with a ± sd band (a line only, for a single run)."""
+    stats = epoch_stats(curves, run_ids)
+    if stats.empty:
         return
-    stats = points.groupby("step").value.agg(["mean", "std"])
     few = len(stats) < 30  # short runs: a marker per epoch, or a 1-epoch run draws nothing
-    line = ax.plot(stats.index, stats["mean"], label=f"{label} (n={points.run_id.nunique()})",
+    line = ax.plot(stats.index, stats["mean"], label=f"{label} (n={stats.n.max()})",
                    marker="." if few else None, **style)[0]
-    ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
+    ax.fill_between(stats.index, stats["mean"] - stats.sd.fillna(0), stats["mean"] + stats.sd.fillna(0),
                     color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+TEACHER_COLOUR, PURE_COLOUR = "0.45", "black"
+LINESTYLES = ("--", "-.", ":")  # the recipes of one method in one alpha plot, told apart
+
+
+def method_colours(summary: pd.DataFrame) -> dict[str, tuple[float, ...]]:
+    """One colour per KD method of the report, the same in every panel and figure."""
+    methods = sorted(set(summary.method[summary.teacher != ""]))
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
+
+
+def shade(colour: tuple[float, ...], i: int, count: int) -> tuple[float, ...]:
+    """The i-th of `count` shades of one colour (dark to light): a method's alphas in its panel."""
+    mix = 0.55 * i / max(count - 1, 1)
+    return tuple(c + (1.0 - c) * mix for c in colour[:3])
 
 
 def legend(ax: Axes) -> None:
@@ -94,6 +111,7 @@ def accuracy_curves(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFr
         methods = sorted(set(students.method[students.teacher != ""])) or ["pure"]
         teacher = panel(summary, dataset, model).teacher
         differs = summary.set_index("recipe").recipe_differs
+        colours = method_colours(summary)
         cols = min(PANEL_COLUMNS, len(methods))
         fig, axes = grid_figure(math.ceil(len(methods) / cols), cols, 5.0, 4.2)
         for ax in axes.flat[len(methods):]:
@@ -101,77 +119,107 @@ def accuracy_curves(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFr
         for ax, method in zip(axes.flat, methods, strict=False):
             if teacher is not None:
                 band(ax, curves, here.run_id[(here.role == "teacher") & (here.model == teacher.model)],
-                     f"teacher {teacher.model}", color="0.4", linestyle=":")
-            band(ax, curves, students.run_id[students.method == "pure"], "pure", color="black", linestyle="--")
+                     f"teacher {teacher.model}", color=TEACHER_COLOUR, linestyle=":")
+            band(ax, curves, students.run_id[students.method == "pure"], "pure", color=PURE_COLOUR, linestyle="--")
             kd = students[(students.method == method) & (students.teacher != "")]
-            for (alpha, _), part in kd.groupby(["alpha", "recipe"]):
-                band(ax, curves, part.run_id, f"α={alpha:g}{recipe_label(part, differs)}")
+            groups = list(kd.groupby(["alpha", "recipe"]))
+            for i, ((alpha, _), part) in enumerate(groups):
+                band(ax, curves, part.run_id, f"α={alpha:g}{recipe_label(part, differs)}",
+                     color=shade(colours.get(method, PURE_COLOUR), i, len(groups)))
             ax.set(title=f"{method}", xlabel="epoch", ylabel="test accuracy (%)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             legend(ax)
-        fig.suptitle(f"{dataset}: {model}, test accuracy (mean ± std over seeds)")
+        fig.suptitle(f"{dataset}: {model}, test accuracy (mean ± sd over seeds)")
         written += save(fig, out / f"curves_{dataset}_{model}")
     return written
 
 
-def reference_line(ax: Axes, row: pd.Series | None, metric: str, label: str, style: str) -> None:
+def reference_line(ax: Axes, row: pd.Series | None, metric: str, label: str, style: str, colour: str) -> None:
     if row is not None and row.n > 0:
-        ax.axhline(row[f"{metric}_mean"], color="0.3", linestyle=style, label=f"{label} {row[f'{metric}_mean']:.2f}")
+        ax.axhline(row[f"{metric}_mean"], color=colour, linestyle=style, label=f"{label} {row[f'{metric}_mean']:.2f}")
+
+
+def shown(rows: list[pd.Series | None], metric: str) -> tuple[list[float], list[float]]:
+    """Means and sds of the rows that have finished seeds (sd 0 where undefined)."""
+    kept = [row for row in rows if row is not None and row.n > 0]
+    return [row[f"{metric}_mean"] for row in kept], [np.nan_to_num(row[f"{metric}_std"]) for row in kept]
 
 
 @styled
 def alpha_curves(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
-    """Per dataset and student model: accuracy vs alpha, a line per KD method (± std over seeds)."""
+    """Per dataset and student model: accuracy vs alpha, a line per KD method (± sd over seeds), the
+    pure student and the teacher as lines inside the axes."""
     written = []
+    colours = method_colours(summary)
     for dataset, model in panels(summary):
         p: Panel = panel(summary, dataset, model)
         fig, axes = grid_figure(1, 1, 6.0, 4.5)
         ax = axes[0, 0]
-        for (method, _), part in p.kd[p.kd.n > 0].groupby(["method", "recipe"]):
+        scored = p.kd[p.kd.n > 0]
+        # a line per method and recipe but the alpha (what recipe_differs names)
+        for i, ((method, note), part) in enumerate(scored.groupby(["method", "recipe_differs"])):
             part = part.sort_values("alpha")
-            note = part.recipe_differs.iloc[0]
+            across = sorted(set(part.d_pure_recipe) - {""})  # the pure line is another recipe's
+            label = method + (f" ({note})" if note else "") + (f" (vs pure: {'; '.join(across)})" if across else "")
             ax.errorbar(part.alpha, part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0), marker="o",
-                        capsize=3, label=method + (f" ({note})" if note else ""))
-        reference_line(ax, p.pure, metric, "pure", "--")
-        reference_line(ax, p.teacher, metric, "teacher", ":")
-        ax.set(title=f"{dataset}: {model}", xlabel="alpha", ylabel=f"{metric} test accuracy (%)")
+                        capsize=3, color=colours[method], linestyle="-" if not note else LINESTYLES[i % 3],
+                        label=label)
+        reference_line(ax, p.pure, metric, "pure", "--", PURE_COLOUR)
+        reference_line(ax, p.teacher, metric, "teacher", ":", TEACHER_COLOUR)
+        means, sds = shown([*(row for _, row in scored.iterrows()), p.pure, p.teacher], metric)
+        ax.set(title=f"{dataset}: {model}", xlabel="alpha", ylabel=f"{metric} test accuracy (%)",
+               ylim=fitted(means, sds))
         legend(ax)
         written += save(fig, out / f"alpha_{dataset}_{model}")
     return written
 
 
+def best_label(best: pd.Series | None) -> str:
+    """The best KD group, named with its recipe (the key without the seed, and what sets it apart)."""
+    if best is None:
+        return "best KD"
+    lines = ["best KD", f"{best.method} α={best.alpha:g}", f"recipe {best.recipe[:8]}"]
+    lines += [best.recipe_differs] if best.recipe_differs else []
+    lines += [f"vs {name}: {best[f'd_{name}_recipe']}" for name in ("pure", "teacher") if best[f"d_{name}_recipe"]]
+    return "\n".join(lines)
+
+
 @styled
-def baseline_bars(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
-    """Per dataset and student model: teacher, pure student and best KD group, ± std."""
+def baseline_dots(summary: pd.DataFrame, out: Path, metric: str) -> list[Path]:
+    """Per dataset and student model: teacher, pure student and best KD group as dots with ± sd error
+    bars (a dot plot: the axis is fitted to the spread, which a bar's length from a cut axis would misstate)."""
     written = []
+    colours = method_colours(summary)
     for dataset, model in panels(summary):
         p = panel(summary, dataset, model)
         best = best_kd(p.kd, metric)
-        bars = [(f"teacher\n{p.teacher.model}" if p.teacher is not None else "teacher", p.teacher),
-                (f"pure\n{model}", p.pure),
-                (f"best KD\n{best.method} α={best.alpha:g}" if best is not None else "best KD", best)]
-        means = [row[f"{metric}_mean"] if row is not None else np.nan for _, row in bars]
-        stds = [row[f"{metric}_std"] if row is not None else np.nan for _, row in bars]
+        entries = [(f"teacher\n{p.teacher.model}" if p.teacher is not None else "teacher", p.teacher, TEACHER_COLOUR),
+                   (f"pure\n{model}", p.pure, PURE_COLOUR),
+                   (best_label(best), best, colours[best.method] if best is not None else PURE_COLOUR)]
         fig, axes = grid_figure(1, 1, 5.5, 4.5)
         ax = axes[0, 0]
-        ax.bar([label for label, _ in bars], np.nan_to_num(means), yerr=np.nan_to_num(stds), capsize=4,
-               color=["0.5", "0.75", "tab:blue"])
-        for x, (mean, std) in enumerate(zip(means, np.nan_to_num(stds), strict=True)):
-            if not np.isnan(mean):
-                ax.annotate(f"{mean:.2f}", (x, mean + std), xytext=(0, 3), textcoords="offset points",
-                            ha="center", va="bottom", fontsize="small")
-        ax.set(title=f"{dataset}: {model}", ylabel=f"{metric} test accuracy (%)", ylim=fitted(means, stds))
-        written += save(fig, out / f"bars_{dataset}_{model}")
+        for x, (_, row, colour) in enumerate(entries):
+            if row is None or row.n == 0:
+                continue
+            mean, sd = row[f"{metric}_mean"], np.nan_to_num(row[f"{metric}_std"])
+            ax.errorbar([x], [mean], yerr=[sd], fmt="o", markersize=8, capsize=5, color=colour)
+            ax.annotate(f"{mean:.2f} ± {sd:.2f} (n={row.n})", (x, mean), xytext=(8, 0), textcoords="offset points",
+                        ha="left", va="center", fontsize="small")
+        means, sds = shown([row for _, row, _ in entries], metric)
+        ax.set_xticks(range(len(entries)), [label for label, _, _ in entries])
+        ax.set(title=f"{dataset}: {model}", ylabel=f"{metric} test accuracy (%)", ylim=fitted(means, sds),
+               xlim=(-0.5, len(entries) - 0.2))
+        written += save(fig, out / f"dots_{dataset}_{model}")
     return written
 
 
-def fitted(means: list[float], stds: list[float]) -> tuple[float, float] | None:
-    """Bar limits around the bars' spread (not from 0, which hides 97 % vs 99.7 %), room for labels."""
-    values = [(m, s if not np.isnan(s) else 0.0) for m, s in zip(means, stds, strict=True) if not np.isnan(m)]
+def fitted(means: list[float], sds: list[float]) -> tuple[float, float] | None:
+    """Limits around every value ± sd with room for labels (a dot plot's axis need not start at 0)."""
+    values = [(m, s if not np.isnan(s) else 0.0) for m, s in zip(means, sds, strict=True) if not np.isnan(m)]
     if not values:
         return None
     low, high = min(m - s for m, s in values), max(m + s for m, s in values)
-    pad = max(0.25 * (high - low), 0.5)
+    pad = max(0.15 * (high - low), 0.5)
     return max(low - pad, 0.0), min(high + pad, 100.0 + pad)
 
 

@@ -10,8 +10,10 @@ best (method, alpha) group. Every value is a mean over seeds; a family without r
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from mlflow import MlflowClient
 
 from kd.analysis import plots
 from kd.analysis.collect import collect_runs, family, histories, select_grid
+from kd.analysis.field import field_table, load_field, write_field
 from kd.analysis.tables import COLLAPSE_FACTOR, best_kd, panel, summarize, write_methodology, write_tables
 from kd.errors import SpecError
 
@@ -61,6 +64,7 @@ def family_entry(summary: pd.DataFrame, name: str, metric: str, dataset: str | N
         "student": model,
         "kd_method": None if best is None else best.method,
         "kd_alpha": None if best is None else float(best.alpha),
+        "kd_recipe": None if best is None else best.recipe,  # the key without the seed (tag kd.recipe)
         "seeds": {label: None if row is None else int(row.n)
                   for label, row in (("teacher", p.teacher), ("without_kd", p.pure), ("with_kd", best))},
     }
@@ -70,6 +74,51 @@ def report_json(summary: pd.DataFrame, metric: str = "final", dataset: str | Non
     if dataset and dataset not in set(summary.dataset):
         raise SpecError(f"--dataset {dataset} has no runs: choose one of {', '.join(sorted(set(summary.dataset)))}")
     return {name: family_entry(summary, name, metric, dataset) for name in FAMILIES}
+
+
+@dataclass
+class Material:
+    """What a report is made of: the runs, their groups (tables.summarize) and the test accuracy
+    per epoch of the finished runs."""
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+
+    @functools.cached_property
+    def field(self) -> pd.DataFrame:
+        """The field's table beside kd's groups on the field's pairs (empty without such runs)."""
+        return field_table(self.summary, self.runs, load_field())
+
+
+def gather(
+    client: MlflowClient,
+    experiment: str,
+    grid: str | None = None,
+    seeds: Sequence[int] | None = None,
+    collapse_factor: float = COLLAPSE_FACTOR,
+) -> Material:
+    runs = select_grid(collect_runs(client, experiment), grid)
+    if runs.empty:
+        raise SpecError(f"experiment '{experiment}' has no training runs: train some, or pass --experiment NAME")
+    curves = histories(client, list(runs.run_id[runs.finished]), "test_acc")
+    return Material(runs, summarize(runs, seeds, collapse_factor), curves)
+
+
+def write_report(material: Material, out: Path, metric: str = "final", dataset: str | None = None) -> dict[str, Any]:
+    """Write tables, plots, report.json and (with runs on the field's pairs) field.md under `out`;
+    returns the report."""
+    runs, summary = material.runs, material.summary
+    report = report_json(summary, metric, dataset)
+    write_tables(runs, summary, out, metric)
+    write_methodology(runs, out)
+    if not material.field.empty:
+        write_field(material.field, load_field(), out)
+    plots.accuracy_curves(runs, material.curves, summary, out / "plots")
+    plots.alpha_curves(summary, out / "plots", metric)
+    plots.baseline_dots(summary, out / "plots", metric)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def build_report(
@@ -83,17 +132,5 @@ def build_report(
     dataset: str | None = None,
     collapse_factor: float = COLLAPSE_FACTOR,
 ) -> dict[str, Any]:
-    """Write tables, plots and report.json under `out`; returns the report."""
-    runs = select_grid(collect_runs(client, experiment), grid)
-    if runs.empty:
-        raise SpecError(f"experiment '{experiment}' has no training runs: train some, or pass --experiment NAME")
-    summary = summarize(runs, seeds, collapse_factor)
-    report = report_json(summary, metric, dataset)
-    write_tables(runs, summary, out, metric)
-    write_methodology(runs, out)
-    curves = histories(client, list(runs.run_id[runs.finished]), "test_acc")
-    plots.accuracy_curves(runs, curves, summary, out / "plots")
-    plots.alpha_curves(summary, out / "plots", metric)
-    plots.baseline_bars(summary, out / "plots", metric)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    """Write tables, plots and report.json under `out`; returns the report (logs nothing)."""
+    return write_report(gather(client, experiment, grid, seeds, collapse_factor), out, metric, dataset)

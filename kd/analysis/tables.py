@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from kd.analysis.collect import NOT_RECIPE, same_spelling
-from kd.spec import COLLAPSE_FACTOR
+from kd.spec import COLLAPSE_FACTOR, TEACHER_SHARED
 
 SCIENCE = ["dataset", "role", "model", "teacher", "method", "alpha"]
 GROUP = [*SCIENCE, "recipe"]  # runs are averaged only with runs of the same recipe (all but the seed)
@@ -35,17 +35,31 @@ def newest(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return frame.sort_values("start_time").drop_duplicates(columns, keep="last")
 
 
+def shared_params(runs: pd.DataFrame) -> list[str]:
+    """The params a student shares with its teacher and its pure baseline (epochs, batch, optimiser,
+    schedule, ...): a Δ between runs that differ in them compares two recipes."""
+    return [f"params.{name}" for name in TEACHER_SHARED if name not in BASELINE_INDEX and f"params.{name}" in runs]
+
+
 def baseline(runs: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
-    """Accuracies of finished baseline runs by (dataset, model, seed)."""
+    """Accuracies and shared params of finished baseline runs by (dataset, model, seed)."""
     chosen = newest(runs[mask & runs.finished], BASELINE_INDEX)
-    return chosen.set_index(BASELINE_INDEX)[["final_acc", "best_acc"]]
+    return chosen.set_index(BASELINE_INDEX)[["final_acc", "best_acc", *shared_params(runs)]]
 
 
-def paired_delta(done: pd.DataFrame, base: pd.DataFrame, dataset: str, model: str) -> pd.Series:
-    """Mean over shared seeds of (group accuracy - baseline accuracy), per metric."""
+def paired_delta(done: pd.DataFrame, base: pd.DataFrame, dataset: str, model: str) -> tuple[pd.Series, str]:
+    """Mean over shared seeds of (group accuracy - baseline accuracy), per metric, and where the
+    paired baselines' recipe differs from the group's (`epochs 15 vs 3`; empty: the same recipe)."""
     ref = base.reindex([(dataset, model, s) for s in done.seed])
-    diff = done[["final_acc", "best_acc"]].to_numpy() - ref.to_numpy()
-    return pd.DataFrame(diff, columns=list(METRICS)).mean()
+    diff = done[["final_acc", "best_acc"]].to_numpy() - ref[["final_acc", "best_acc"]].to_numpy()
+    paired = ref.final_acc.notna().to_numpy()
+    gaps = []
+    for column in base.columns[2:]:
+        mine, theirs = done[column][paired].fillna(""), ref[column][paired].fillna("")
+        if set(mine.map(same_spelling)) != set(theirs.map(same_spelling)):
+            gaps.append(f"{column.removeprefix('params.')} {'/'.join(sorted(set(mine)))} vs "
+                        f"{'/'.join(sorted(set(theirs)))}")
+    return pd.DataFrame(diff, columns=list(METRICS)).mean(), ", ".join(gaps)
 
 
 def seed_list(seeds: Sequence[int]) -> str:
@@ -86,8 +100,8 @@ def summarize(
         if row["role"] == "student" and not teacher:
             options = named.get((dataset, model), [])
             teacher = options[0] if len(options) == 1 else ""
-        d_pure = paired_delta(done, pures, dataset, model) if row["teacher"] else None
-        d_teacher = paired_delta(done, teachers, dataset, teacher) if teacher else None
+        d_pure, pure_gap = paired_delta(done, pures, dataset, model) if row["teacher"] else (None, "")
+        d_teacher, teacher_gap = paired_delta(done, teachers, dataset, teacher) if teacher else (None, "")
         stuck = newest(group[~group.seed.isin(done.seed)], ["seed"]).sort_values("seed")
         collapsed = done[done.best_acc < collapse_factor * done.chance]
         row.update(
@@ -100,6 +114,8 @@ def summarize(
             **{f"d_pure_{m}": math.nan if d_pure is None else d_pure[m] for m in METRICS},
             **{f"d_teacher_{m}": math.nan if d_teacher is None else d_teacher[m] for m in METRICS},
             reference_teacher=teacher,
+            d_pure_recipe=pure_gap,
+            d_teacher_recipe=teacher_gap,
             collapsed=seed_list(collapsed.seed),
             recipe_differs=differences.get(values, ""),
             unfinished=", ".join(f"{r.seed} ({r.status} {r.epoch}/{r.epochs})" for r in stuck.itertuples()),
@@ -121,11 +137,16 @@ def ordered(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.loc[keys.sort_values(list(keys.columns)).index].reset_index(drop=True)
 
 
-def flags(row: pd.Series) -> str:
+def seed_flags(row: pd.Series) -> list[str]:
+    """A group's collapsed, unfinished and missing seeds, and Δ columns that compare another recipe."""
     parts = [f"{name} seeds {row[name]}" for name in ("collapsed", "unfinished", "missing") if row[name]]
-    if row.recipe_differs:
-        parts.insert(0, f"separate recipe: {row.recipe_differs}")
-    return "; ".join(parts)
+    return parts + [f"Δ {name} across recipes: {row[f'd_{name}_recipe']}" for name in ("pure", "teacher")
+                    if row[f"d_{name}_recipe"]]
+
+
+def flags(row: pd.Series) -> str:
+    separate = [f"separate recipe: {row.recipe_differs}"] if row.recipe_differs else []
+    return "; ".join(separate + seed_flags(row))
 
 
 def mean_std(mean: float, std: float) -> str:
