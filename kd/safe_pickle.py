@@ -18,8 +18,9 @@ from kd.errors import SpecError
 
 NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1 and numpy 2 spellings
 ALLOWED = frozenset(
-    # what protocols 0-2 reduce these builtins to (dict, list, tuple, str, bytes, numbers have opcodes)
-    {("builtins", name) for name in ("set", "frozenset", "bytearray", "complex")}
+    # what protocols 0-2 reduce these builtins to (dict, list, tuple, str, numbers have opcodes; protocol 2
+    # writes an empty bytes as a call of bytes)
+    {("builtins", name) for name in ("set", "frozenset", "bytes", "bytearray", "complex")}
     | {("_codecs", "encode")}  # bytes written by protocol 2 with Python 3: encode(text, 'latin1')
     | {("numpy", "ndarray"), ("numpy", "dtype")}
     | {(module, name) for module in NUMPY_CORE for name in ("_reconstruct", "scalar")}

@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.methods.base import Features, Method, Shapes, at_least, positive, register_method
+from kd.methods.base import Features, Method, Shapes, at_least, register_method
 from kd.methods.features import fp32, match_spatial, unit
 
 # Paraphraser optimiser. Adam rather than the authors' SGD (lr 0.1): the reconstruction target is
 # the teacher's raw last-stage features, whose scale depends on the teacher, and SGD at a fixed lr
 # diverged to NaN on some teachers here; Adam's step does not depend on that scale.
 PRETRAIN_LR = 1e-3
+# Factor channels per teacher channel: the paper's and kd's rate is 0.5; a rate far above a few is a typo
+# whose paraphraser does not fit in memory (1e6 on a ResNet asks for 147 GB).
+MAX_FT_RATE = 8.0
 
 
 @fp32
@@ -71,7 +74,8 @@ class FactorTransfer(Method):
         "ft_pretrain_epochs": (30, "epochs of paraphraser pre-training on the frozen teacher"),
         "ft_weight": (500.0, "weight beta of the factor loss (the authors' code: 500)"),
     }
-    rules = {"ft_rate": positive(), "ft_pretrain_epochs": at_least(0)}
+    rules = {"ft_rate": ((lambda v: 0 < v <= MAX_FT_RATE), f"in (0, {MAX_FT_RATE:g}]"),
+             "ft_pretrain_epochs": at_least(0)}
     pretrain_artifact = "paraphraser.pth"
     ft_rate: float
     ft_pretrain_epochs: int

@@ -39,6 +39,11 @@ def tracking_uri() -> str:
             f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 no longer supports: "
             f"use {DEFAULT_URI} or an MLflow server URL"
         )
+    try:
+        _ = urlparse(uri).port  # a malformed host or port ('http://[::1') would fail deep inside MLflow
+    except ValueError as err:
+        raise SpecError(f"MLFLOW_TRACKING_URI={uri} is not a valid URL ({err}): fix it, e.g. http://HOST:5000 "
+                        f"or {DEFAULT_URI}") from None
     return uri
 
 

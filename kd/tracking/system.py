@@ -33,6 +33,8 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError("--device cuda but no CUDA GPU is visible: pass --device cpu or run on a GPU node")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SpecError("--device mps but this machine has no Apple GPU (MPS): pass --device cpu or auto")
     return torch.device(name)
 
 
