@@ -6,9 +6,21 @@ can use it without a circle (docs/architecture.md, "Layers").
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SpecError(ValueError):
     """Bad user input: the message is one line naming the problem and the fix."""
 
 
 TIMM_HUB = "timm"  # init_weights value: timm's ViT-Tiny from the hub (or its local cache)
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file the user names (a grid, a crontab), or one line saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{what} {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise SpecError(f"{what} {path} cannot be read ({err.strerror or err}): make it readable by this user") from None

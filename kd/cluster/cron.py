@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kd.cluster import CRONTAB_ENV
 from kd.cluster.templates import URI_SPECIAL, check_chars
-from kd.errors import SpecError
+from kd.errors import SpecError, read_text
 
 
 def marker(grid: str) -> str:
@@ -46,7 +46,7 @@ def entry(grid: str, every: int, submit_args: list[str], log: Path, env: dict[st
 
 def read_crontab(path: str | None) -> str:
     if path:
-        return Path(path).read_text() if Path(path).exists() else ""
+        return read_text(Path(path), "--crontab-file") if Path(path).exists() else ""
     try:
         done = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
     except FileNotFoundError:

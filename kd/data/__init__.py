@@ -7,4 +7,11 @@ __all__ = ["DATASETS", "DataError", "DatasetInfo", "ImageData", "data_root", "lo
 
 
 def load_dataset(name: str, root=None) -> ImageData:
-    return DATASETS[name].load(data_root(root))
+    """The dataset's tensors; a data root or file this user may not read is one line, not a traceback."""
+    folder = data_root(root)
+    try:
+        return DATASETS[name].load(folder)
+    except OSError as err:
+        raise DataError(f"{err.filename or folder} cannot be used ({err.strerror or err}): make the data root "
+                        f"{folder} readable by this user (writable for a first download), or pass --data-root "
+                        "a readable copy") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -66,6 +67,19 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...],
     mean = total / n
     std = ((squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def check_validation_split(labels: Tensor, fraction: float) -> None:
+    """A stratified split needs an image of every class on both sides (0.999 of digits leaves 1 to train on):
+    refused in one line naming the fractions that work, before any run."""
+    n, classes = len(labels), int(labels.unique().numel())
+    held_out = math.ceil(fraction * n)
+    if classes <= held_out <= n - classes:
+        return
+    low, high = math.ceil(1000 * classes / n) / 1000, math.floor(1000 * (1 - classes / n)) / 1000
+    raise SpecError(f"val_fraction {fraction:g} holds out {held_out} of {n} training images and leaves {n - held_out}: "
+                    f"each side needs an image of each of the {classes} classes: pass --val-fraction from {low:g} "
+                    f"to {high:g}")
 
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an unreachable host fails fast instead of hanging

@@ -6,6 +6,7 @@ Decoding 110k JPEGs takes minutes, so the first load caches uint8 arrays next to
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +58,18 @@ def read_images(paths: list[Path]) -> np.ndarray:
     return out
 
 
+def read_text(path: Path) -> str:
+    """A text file of the tree; one that is not UTF-8 is a damaged download."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise malformed(path, f"not UTF-8 text: byte {err.start}") from None
+
+
 def parse_tree(tree: Path) -> Arrays:
     """wnids.txt orders the classes; train/<wnid>/images/ and val/val_annotations.txt label the images."""
     wnids_file = tree / "wnids.txt"
-    wnids = wnids_file.read_text().split()
+    wnids = read_text(wnids_file).split()
     if len(set(wnids)) != NUM_CLASSES or len(wnids) != NUM_CLASSES:
         raise malformed(wnids_file, f"{len(wnids)} ids, expected {NUM_CLASSES} distinct wnids")
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -76,7 +85,7 @@ def parse_tree(tree: Path) -> Arrays:
 
     annotations = tree / "val" / "val_annotations.txt"
     test_paths, test_labels = [], []
-    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(annotations).splitlines(), 1):
         fields = line.split("\t")
         if len(fields) != 6 or fields[1] not in index:
             raise malformed(
@@ -102,11 +111,13 @@ def parse_tree(tree: Path) -> Arrays:
 
 
 def write_cache(path: Path, arrays: Arrays) -> None:
-    """Atomic (temp file + rename): an interrupted write never leaves a half cache to trip on later."""
+    """Atomic (temp file + rename): an interrupted write never leaves a half cache to trip on later.
+    Readable by whoever may read the data root (mkstemp's file is the owner's alone)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, stat.S_IMODE(path.parent.stat().st_mode) & 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,6 +125,8 @@ def write_cache(path: Path, arrays: Arrays) -> None:
 
 
 def read_cache(path: Path) -> Arrays:
+    """The cached arrays, checked as the tree's parse makes them: a cache from elsewhere or an older
+    kd must not feed a run wrong labels (or none)."""
     try:
         with np.load(path) as npz:
             arrays = {key: npz[key] for key in KEYS}
@@ -123,6 +136,8 @@ def read_cache(path: Path) -> Arrays:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.dtype != np.uint8 or images.shape[1:] != (3, SIZE, SIZE) or labels.shape != (len(images),):
             raise malformed(path, f"{split} arrays have the wrong dtype or shape", REBUILD)
+        if labels.dtype != np.int64 or not len(labels) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise malformed(path, f"{split} labels must be int64 in 0..{NUM_CLASSES - 1}, at least one", REBUILD)
     return arrays
 
 
