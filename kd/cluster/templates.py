@@ -161,6 +161,9 @@ def absolute(path: str) -> str:
 
 def check_chars(name: str, value: str, *, allowed: set[str] | None = None, forbidden: set[str] = frozenset()) -> str:
     """Reject a value holding shell syntax, naming the characters, in one line."""
+    if not isinstance(value, str):  # `modules: [1]` or `[[a, b]]` in a grid
+        raise SpecError(f"job setting {name}={value!r} is rejected: it must be text: use a plain value (letters, "
+                        "digits, . _ - /)")
     bad = sorted({c for c in value if (allowed is not None and c not in allowed) or c in forbidden
                   or not c.isprintable()})
     if bad or not value:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kd.data.augment import crop_flip, draw_crop_flip, normalize
-from kd.data.base import DATASETS, ImageData
+from kd.data.base import DATASETS, ImageData, check_validation_split
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -26,6 +26,7 @@ def split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     """Stratified (train, validation) indices of the training set, fixed by the seed."""
     if fraction <= 0:
         return torch.arange(len(labels)), torch.arange(0)
+    check_validation_split(labels, fraction)
     from sklearn.model_selection import train_test_split
 
     train, val = train_test_split(
