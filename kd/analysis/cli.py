@@ -69,6 +69,15 @@ def expected_seeds(args: argparse.Namespace) -> list[int] | None:
     return sorted({s.seed for s in grid.specs}) if grid else seeds
 
 
+def make_out_folder(path: Path) -> None:
+    """`--out`, made before any work: a path under a file is one line, not a traceback after collecting."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"--out {path} cannot be made a folder ({err.strerror or err}): pass --out a folder you "
+                        "can write") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kd.analysis.collect import log_analysis
     from kd.analysis.field import ran_text
@@ -80,6 +89,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     factor = COLLAPSE_FACTOR if args.collapse_factor is None else args.collapse_factor
     if factor <= 0:
         raise SpecError("--collapse-factor must be positive: pass e.g. --collapse-factor 2")
+    make_out_folder(args.out)
     client = get_client()
     args.experiment = experiment_of(args)
     material = gather(client, args.experiment, args.grid, expected_seeds(args), factor)
@@ -114,6 +124,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
+    make_out_folder(args.out)
     client = get_client()
     device = pick_device(args.device)
     per_run, grid = measure(client, args.runs, args.probe_size, str(device))

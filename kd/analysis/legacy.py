@@ -14,8 +14,10 @@ leaves no run that counts. Importing again skips keys already imported.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,18 +122,18 @@ def build_spec(rel: Path, config: dict[str, Any], teachers: set[str]) -> RunSpec
         if not match:
             raise Malformed(f"{level[0]} is not an alpha level (alpha_0.25)")
         alpha = float(match[1])
-    elif method != "pure" and config.get("alpha") is not None:
-        alpha = float(config["alpha"])
     if not seed.isdigit():
         raise Malformed(f"seed folder {seed} is not a number")
     teacher, _, student = who.rpartition("_to_")
     try:
+        if alpha is None and method != "pure" and config.get("alpha") is not None:
+            alpha = float(config["alpha"])
         recipe = {k: cast(config[k]) for k, cast in CONFIG_FIELDS.items() if config.get(k) is not None}
         return RunSpec.create(
             dataset=DATASET_NAMES[dataset], model=student, teacher=teacher or None, method=method, alpha=alpha,
             seed=int(seed), role="teacher" if method == "pure" and student in teachers else None, **recipe,
         )
-    except (SpecError, TypeError, ValueError) as err:
+    except (SpecError, TypeError, ValueError, OverflowError) as err:  # OverflowError: int(1e400)
         raise Malformed(str(err)) from None
 
 
@@ -151,15 +153,21 @@ def read_curves(metrics: dict[str, Any]) -> dict[str, list[float]]:
 def check_weights(path: Path, spec: RunSpec) -> None:
     """best.pth loads safely and fits the spec's model."""
     info = DATASETS[spec.dataset]
+    if path.stat().st_size == 0:
+        raise Malformed("best.pth is empty (a save that was interrupted)")
     try:
-        weights = load_weights_only(path)["weights"]
+        with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            weights = load_weights_only(path)["weights"]
         create_model(spec.model, info.num_classes, info.channels, info.image_size).load_state_dict(weights)
     except Exception as err:  # unpicklable, no 'weights', or the wrong architecture
-        lines = str(err).splitlines()
+        lines = str(err).splitlines() or [type(err).__name__]
         # torch's weights-only unpickler names the callable it refused (nothing ran) in one of its lines
         refused = [line.strip() for line in lines if "GLOBAL" in line]
         if refused:
             raise Malformed(f"best.pth is refused, it asks to run code: {refused[0][:200]}") from None
+        if isinstance(err, pickle.UnpicklingError):
+            raise Malformed("best.pth is not a weights-only PyTorch checkpoint (a plain pickle or another file)") from None
         raise Malformed(f"best.pth does not load into {spec.model}: {lines[0][:200]}") from None
 
 
@@ -169,7 +177,7 @@ def read_run(directory: Path, root: Path, teachers: set[str]) -> LegacyRun:
     status = read_json(directory / "status.json")
     metrics = read_json(directory / "metrics.json")
     state = status.get("status")
-    if state not in STATUSES:
+    if not isinstance(state, str) or state not in STATUSES:
         raise Malformed(f"status.json status is {state!r}: expected one of {', '.join(STATUSES)}")
     config = metrics.get("config", status.get("config", {}))
     if not isinstance(config, dict):
