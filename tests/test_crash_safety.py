@@ -141,9 +141,9 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(teacher, tmp_path
     crashed = run_kd(*STUDENT, env={"KD_CRASH_AT": "step:25"})  # killed in epoch 3: checkpoints of 1 and 2
     assert crashed.returncode == -signal.SIGKILL
     (run,) = runs_of("kd")
-    for artifact in ("checkpoint/checkpoint.pth", "checkpoint/previous.pth"):  # the journal folder's, read first
-        path = tmp_path / "kd-journal" / run.info.run_id / artifact
-        path.write_bytes(path.read_bytes()[:1000])
+    for artifact in ("checkpoint/checkpoint.pth", "checkpoint/previous.pth"):  # the journal folder's and the store's
+        for path in (tmp_path / "kd-journal" / run.info.run_id / artifact, artifact_path(run.info.run_id, artifact)):
+            path.write_bytes(path.read_bytes()[:1000])
     resumed = run_kd(*STUDENT)
     assert resumed.returncode == 2, resumed.stderr
     assert "Traceback" not in resumed.stderr and "resuming" not in resumed.stdout

@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,20 @@ class CheckpointStore:
         save_atomic(state, newest)
         self.tracker.log_file(newest, "checkpoint")
 
+    def candidates(self) -> Iterator[tuple[str, Path | None]]:
+        """Where a resume may read the run's checkpoints, best first: the journal folder's newest and
+        previous (or, if the folder has none, the store's), then the store's mirrors of both."""
+        download_dir = self.dir / "download"
+        for artifact in (NEWEST, PREVIOUS):
+            yield artifact, self.tracker.download(artifact, download_dir)
+        if (self.tracker.journal.folder / NEWEST).exists():  # the store's copies were not read above
+            for artifact in (NEWEST, PREVIOUS):
+                yield f"the store's {artifact}", self.tracker.mirror(artifact, download_dir / "store")
+
     def load(self) -> dict[str, Any] | None:
         """The newest loadable checkpoint of the run, or None if it has none."""
-        download_dir = self.dir / "download"
         unreadable = []
-        for artifact in (NEWEST, PREVIOUS):
-            path = self.tracker.download(artifact, download_dir)
+        for artifact, path in self.candidates():
             if path is None:
                 continue
             try:

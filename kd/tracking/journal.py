@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +36,36 @@ LOCAL_PREFIX = "local-"  # a run started without the store: its store run id com
 STORE_RUN_ID = "run_id"  # ...and is kept in this file of the folder
 
 
+LEASE = "lease"  # the record a direct run's journal starts each process with: the lease generation it holds
+SET_ASIDE = "set-aside"  # where `kd sync` moves journals it must not ship (beside them, kept on disk)
+OPS = frozenset({"create", "log", "status", "artifact", "inputs", "describe", "model", "register", LEASE})
+STATUSES = frozenset({"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"})
+
+
 class JournalError(SpecError):
     """The journal cannot be written or read back: one line naming the folder and the fix."""
+
+
+class SetAside(JournalError):
+    """This journal cannot be shipped as it is (one line says why); the other journals are shipped."""
+
+
+class BadJournal(SetAside):
+    """A complete line of a journal that kd did not write: named by file and line, never half-shipped."""
+
+
+def unwritable(folder: Path, err: OSError) -> JournalError:
+    return JournalError(f"cannot write the run journal in {folder} ({err.strerror or err}): "
+                        f"point --journal-dir (or ${JOURNAL_ENV}) at a writable folder")
+
+
+def check_root(root: Path) -> None:
+    """Refuse a journal root this process cannot write before any data loads or any run exists."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as err:
+        raise unwritable(root, err) from None
 
 
 def now_ms() -> int:
@@ -54,8 +83,7 @@ class Journal:
             self.repair()
             self._file = open(self.path, "ab")  # noqa: SIM115 - held for the run's life
         except OSError as err:
-            raise JournalError(f"cannot write the run journal in {folder} ({err.strerror or err}): "
-                               f"point --journal-dir (or ${JOURNAL_ENV}) at a writable folder") from None
+            raise unwritable(folder, err) from None
         self.seq = self.last_seq()
 
     @property
@@ -103,16 +131,69 @@ class Journal:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every complete record; a torn last line (no newline, or not JSON) is dropped."""
+    """Every record; a torn last line (no newline: a kill mid-append) is dropped. Any other line that is
+    not a record kd writes raises BadJournal naming the file and line: nothing of it is shipped."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_bytes().split(b"\n")[:-1]:
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_bytes().split(b"\n")[:-1], start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue  # only a torn tail can be malformed, and repair() cuts it before the next append
+            record = None
+        problem = record_problem(record, records[-1]["seq"] if records else 0)
+        if problem:
+            raise BadJournal(f"{path} line {number} {problem}: this journal is set aside (the others are shipped); "
+                             "fix or delete that line, then run kd sync again")
+        records.append(record)
     return records
+
+
+def record_problem(record: Any, previous_seq: int) -> str | None:
+    """What makes a parsed line not a journal record (None: it is one): what `ship` relies on."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    seq, op = record.get("seq"), record.get("op")
+    if not isinstance(seq, int) or seq <= previous_seq:
+        return f"has seq {seq!r}, not a number after {previous_seq}"
+    if op not in OPS or not isinstance(record.get("ts"), int):
+        return f"has op {op!r} and ts {record.get('ts')!r}: not a record kd writes"
+    if op == "log":
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict) or not all(is_number(v) for v in metrics.values()):
+            return f"has a metric that is not a number ({json.dumps(metrics)[:80]})"
+        texts = [record.get(k, {}) for k in ("params", "tags")]
+        if not all(isinstance(t, dict) and all(isinstance(v, str) or is_number(v) for v in t.values()) for t in texts):
+            return "has a param or tag that is neither text nor a number"
+        if not isinstance(record.get("step", 0), int):
+            return f"has step {record.get('step')!r}, not a whole number"
+    if op == "status" and record.get("status") not in STATUSES:
+        return f"has status {record.get('status')!r}, not one of {', '.join(sorted(STATUSES))}"
+    if op == "artifact" and not isinstance(record.get("path"), str):
+        return "names no artifact path"
+    return None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def lease_generation(records: list[dict[str, Any]]) -> int | None:
+    """The lease generation the journal's last process held (None: a journal-only or older journal)."""
+    return next((r["generation"] for r in reversed(records) if r["op"] == LEASE), None)
+
+
+def set_aside(folder: Path, generation: int) -> Path:
+    """Move a journal that must not be shipped out of its root, into `set-aside/` beside it: kept on
+    disk, never shipped or resumed again."""
+    if folder.parent.name == SET_ASIDE:
+        return folder
+    target = folder.parent / SET_ASIDE / f"{folder.name}.g{generation}"
+    if target.exists():
+        target = target.with_name(f"{target.name}.{now_ms()}")
+    target.parent.mkdir(exist_ok=True)
+    os.replace(folder, target)
+    return target
 
 
 def shipped_seq(folder: Path) -> int:
@@ -128,9 +209,16 @@ def mark_shipped(folder: Path, seq: int) -> None:
     os.replace(tmp, folder / SHIPPED)
 
 
-def pending(folder: Path) -> list[dict[str, Any]]:
-    done = shipped_seq(folder)
-    return [r for r in read_records(folder / JOURNAL) if r["seq"] > done]
+def pending(folder: Path, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The records not yet shipped (of `records`, the folder's journal if already read); a shipped mark
+    past the last record (the journal was cut or replaced) raises BadJournal: never silently nothing."""
+    records = read_records(folder / JOURNAL) if records is None else records
+    done, last = shipped_seq(folder), (records[-1]["seq"] if records else 0)
+    if done > last:
+        raise BadJournal(f"{folder / SHIPPED} says record {done} was shipped but {folder / JOURNAL} ends at record "
+                         f"{last} (cut or replaced): write 0 into {folder / SHIPPED} to ship it all again "
+                         "(a record shipped twice changes nothing)")
+    return [r for r in records if r["seq"] > done]
 
 
 def store_run_id(folder: Path) -> str | None:
@@ -153,10 +241,9 @@ def local_state(folder: Path) -> dict[str, Any]:
     """What the journal says of its run: last status, epochs recorded, records not yet shipped."""
     records = read_records(folder / JOURNAL)
     status = next((r["status"] for r in reversed(records) if r["op"] == "status"), None)
-    epoch = max((r["step"] for r in records if r["op"] == "log" and r.get("epoch")), default=0)
-    done = shipped_seq(folder)
+    epoch = max((r.get("step", 0) for r in records if r["op"] == "log" and r.get("epoch")), default=0)
     return {"run_id": folder.name, "status": status, "epoch": epoch,
-            "pending": sum(r["seq"] > done for r in records), "folder": str(folder)}
+            "pending": len(pending(folder, records)), "folder": str(folder), "generation": lease_generation(records)}
 
 
 def prune(folder: Path) -> None:

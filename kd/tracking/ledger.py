@@ -72,9 +72,10 @@ def find_ledger(client: MlflowClient) -> str | None:
 class Ledger:
     """Claims of one store; `claim` is the only write, and it is atomic."""
 
-    def __init__(self, client: MlflowClient) -> None:
+    def __init__(self, client: MlflowClient, run_id: str | None = None) -> None:
+        """The store's ledger (`run_id` if already found: `find_ledger` only reads, never creates it)."""
         self.client = client
-        self.run_id = ledger_run(client)
+        self.run_id = run_id or ledger_run(client)
 
     def claim(self, key: str, value: str) -> str:
         """Set key to value if nobody has; the value that holds the key now (ours if we won).

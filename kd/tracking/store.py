@@ -6,7 +6,9 @@ import fcntl
 import os
 import socket
 import sqlite3
+import sys
 import tempfile
+import time
 from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,6 +34,9 @@ def tracking_uri() -> str:
     if uri == JOURNAL_ONLY_URI:
         raise SpecError("this job is journal-only (job setting tracking: journal): it never opens the tracking "
                         "store; kd submit ingests its journal")
+    if uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
+        raise SpecError(f"MLFLOW_TRACKING_URI={uri} is not a sqlite file (an in-memory store forgets every run when "
+                        f"the process ends, before kd sync can ship it): use {DEFAULT_URI} or sqlite:////ABSOLUTE/PATH")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(sqlite_path(uri).resolve())
     if not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
@@ -60,6 +65,9 @@ HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 # A store that refuses or does not accept the connection is down: 5 s. One that accepted it is
 # there but busy (a server taking 16 jobs' first requests at once): 10 s more for its answer.
 PROBE_CONNECT_S, PROBE_READ_S = 5.0, 10.0
+# The probe asks the API itself (a search reads the server's database), not only /health: a server
+# whose database hangs answers /health and then hangs every request of the run.
+PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 _reachable: set[str] = set()
 
 
@@ -77,7 +85,10 @@ def check_reachable(uri: str) -> None:
         if parsed.scheme in ("http", "https"):
             import requests  # mlflow's own HTTP client
 
-            requests.get(uri.rstrip("/") + "/health", timeout=(PROBE_CONNECT_S, PROBE_READ_S)).raise_for_status()
+            answer = requests.get(uri.rstrip("/") + PROBE_PATH, timeout=(PROBE_CONNECT_S, PROBE_READ_S),
+                                  auth=basic_auth(), headers=bearer())
+            if answer.status_code >= 500:  # it answered that it cannot serve (its database is away)
+                answer.raise_for_status()
         elif parsed.hostname:
             default_port = {"postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0], 5432)
             socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_CONNECT_S).close()
@@ -88,6 +99,17 @@ def check_reachable(uri: str) -> None:
             f"the tracking store {shown} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI; "
             "jobs can train without it (job setting tracking: journal, docs/cluster.md)") from None
     _reachable.add(uri)
+
+
+def basic_auth() -> tuple[str, str] | None:
+    """MLflow's basic-auth credentials, as its client sends them (a 401 would still be an answer)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password) if user and password else None
+
+
+def bearer() -> dict[str, str]:
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def check_writable() -> None:
@@ -122,18 +144,66 @@ def get_client() -> MlflowClient:
         os.environ.setdefault(name, value)
     check_reachable(uri)
     db = sqlite_path(uri)
-    if db is None or uri in _reachable:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    # MLflow creates (migrates) a sqlite store's tables when a client first opens it; two processes
-    # doing it at once break the migrations (N identical commands on a fresh store): one at a time.
+    if db is not None and uri not in _reachable:
+        open_sqlite(uri, db)
+        _reachable.add(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def open_sqlite(uri: str, db: Path) -> None:
+    """A sqlite store made whole before MLflow opens it: a missing one is created atomically; one an
+    interrupted creation left half-made (it holds no run) is set aside and created again. An existing
+    store is only read here, so a read-only one can be looked at (no lock file beside it)."""
+    if db.exists() and not half_made(db):
+        return
+    # MLflow creates (migrates) a store's tables when a client first opens it; two processes doing it
+    # at once break the migrations (N identical commands on a fresh store): one at a time.
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".init.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
-    _reachable.add(uri)
-    return client
+        if db.exists() and half_made(db):
+            aside = db.with_name(f"{db.name}.half-made-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            print(f"kd: the MLflow store {db} was left half-made by an interrupted first command (it held no run): "
+                  f"moved to {aside.name}, created again", file=sys.stderr, flush=True)
+        if not db.exists():
+            create_sqlite(db)
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # its first open writes the default experiment
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+
+
+def create_sqlite(db: Path) -> None:
+    """Build the store's tables in a file beside it, then rename it into place: a kill at any moment
+    leaves either no store or a whole one (the next command builds it again)."""
+    import sqlalchemy  # MLflow's own database layer: only when a store is created
+    from mlflow.store.db.utils import _initialize_tables
+
+    building = db.with_name(db.name + ".creating")
+    building.unlink(missing_ok=True)  # a build a kill interrupted: we hold the init lock
+    engine = sqlalchemy.create_engine(f"sqlite:///{building}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(building, db)
+
+
+def half_made(db: Path) -> bool:
+    """A store whose creation was interrupted: no run and its schema short of MLflow's (older kd
+    created stores in place). A store with runs is never touched here."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # alembic: only for this check
+
+    try:
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "runs" in tables and con.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+                return False
+            revision = con.execute("SELECT version_num FROM alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+    except sqlite3.DatabaseError:  # not a database at all: MLflow says so when it opens it
+        return False
+    return revision is None or revision[0] != _get_latest_schema_revision()
 
 
 def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
