@@ -2,12 +2,15 @@
 
 from kd.methods import (  # noqa: F401  (registration)
     attention_transfer,
+    ctkd,
+    dist,
     dkd,
     factor_transfer,
     fitnets,
     logit,
     nst,
     pure,
+    reviewkd,
     rkd,
     tucker,
 )

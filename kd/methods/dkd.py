@@ -4,7 +4,8 @@ Distillation").
 Hinton's KD split into TCKD, the binary KL between (target, non-target) probabilities, and
 NCKD, the KL among the non-target classes (the target logit masked out by subtracting 1000, as
 in the official mdistiller code); both times T^2, weighted alpha and beta, and ramped up
-linearly over the first `dkd_warmup` epochs.
+linearly over the first `dkd_warmup` epochs. `dkd_standardize` z-scores both networks' logits
+first (logit standardisation, kd/methods/logit.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from kd.methods.base import NOT_NEGATIVE, Features, Method, at_least, register_method
 from kd.methods.features import fp32
+from kd.methods.logit import logit_pair
 
 MASK = 1000.0  # subtracted from the target logit to drop it from the non-target softmax
 
@@ -59,16 +61,20 @@ class DKD(Method):
         "dkd_alpha": (1.0, "weight of TCKD (target vs non-target binary KL)"),
         "dkd_beta": (8.0, "weight of NCKD (KL among the non-target classes)"),
         "dkd_warmup": (20, "epochs over which both terms ramp up linearly from 1/warmup to 1"),
+        "dkd_standardize": (False, "z-score both networks' logits before softening them (Sun et al. 2024; "
+                                   "published with --temperature 2, alpha and beta x 9)"),
     }
     rules = {"dkd_alpha": NOT_NEGATIVE, "dkd_beta": NOT_NEGATIVE, "dkd_warmup": at_least(0)}
     dkd_alpha: float
     dkd_beta: float
     dkd_warmup: int
+    dkd_standardize: bool
 
     def epoch_key(self, epoch: int) -> int:
         return min(epoch, self.dkd_warmup)  # the ramp is flat after the warm-up
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int) -> dict[str, Tensor]:
-        tckd, nckd = dkd_losses(student[-1], teacher[-1], targets, self.temperature)
+        s, t = logit_pair(student, teacher, self.dkd_standardize)
+        tckd, nckd = dkd_losses(s, t, targets, self.temperature)
         ramp = min(epoch / self.dkd_warmup, 1.0) if self.dkd_warmup > 0 else 1.0
         return {"loss_dkd_tckd": ramp * self.dkd_alpha * tckd, "loss_dkd_nckd": ramp * self.dkd_beta * nckd}
