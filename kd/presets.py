@@ -1,4 +1,5 @@
-"""The lab plan's recipes by name (docs/lab.md): `kd train --preset cnn-teacher`, `kd distill --preset cnn-student`.
+"""Recipes by name: the lab plan's (docs/lab.md: `kd train --preset cnn-teacher`, `kd distill --preset
+cnn-student`) and the field's CIFAR-100 recipe (`--preset field`, the `field` grid).
 
 A preset is a set of defaults for RunSpec fields: explicit flags, and a grid's `spec:` block, override
 it. The plan writes its KD loss as alpha * CE + (1 - alpha) * T^2 * KL, the suite as
@@ -45,6 +46,13 @@ VIT = {"dataset": "cifar10", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0
 KD = {"method": "logit", "alpha": suite_alpha(PLAN_ALPHA), "temperature": PLAN_TEMPERATURE}
 VIT_TEACHER = {**VIT, "model": "ViTTiny", "role": "teacher", "epochs": 100}
 
+# The field's CIFAR-100 recipe (RepDistiller's train_student.py, reused by mdistiller and the papers since
+# 2020): random crop (pad 4) + flip are CIFAR's augmentation in kd too.
+FIELD = {"dataset": "cifar100", "epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+         "weight_decay": 5e-4, "schedule": "multistep", "milestones": (150, 180, 210), "label_smoothing": 0.0,
+         "temperature": 4.0}
+FIELD_LIGHT_LR = 0.01  # the field's lr for MobileNetV2 and the ShuffleNets
+
 PRESETS = {p.name: p for p in (
     Preset("cnn-teacher", "the plan's ResNet-18 teacher",
            {**CNN, "model": "ResNet18", "role": "teacher", "epochs": 300, "milestones": (150, 225, 275)}),
@@ -57,6 +65,9 @@ PRESETS = {p.name: p for p in (
     Preset("vit-student", "the plan's 6-layer ViT student; with kd train, its baseline",
            {**VIT, **KD, "model": "ViTStudent", "teacher": "ViTTiny", "role": "student", "epochs": 150},
            teacher_preset="vit-teacher"),
+    Preset("field", "the field's CIFAR-100 recipe (RepDistiller, mdistiller): lr x0.1 at 150, 180, 210", FIELD),
+    Preset("field-light", "the field's recipe for MobileNetV2 and the ShuffleNets (lr 0.01), taught by a "
+           "teacher of the field's recipe", {**FIELD, "lr": FIELD_LIGHT_LR}, teacher_preset="field"),
 )}
 
 

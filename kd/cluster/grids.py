@@ -106,10 +106,7 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
     if unknown:
         raise SpecError(f"grid presets for {', '.join(unknown)}: presets are given for teacher and student")
     fields = {k: v for k, v in base.items() if k in spec_fields()}
-    methods = listed(raw.get("methods"), "methods")
-    for method in methods:
-        if not isinstance(method, str):
-            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: see kd methods")
+    methods, own = method_entries(raw.get("methods"))
     options = track_options(base, methods)
 
     def values(role: str, distilling: bool) -> dict[str, Any]:
@@ -133,13 +130,34 @@ def expand_track(raw: dict[str, Any], base: dict[str, Any]) -> tuple[list[RunSpe
                 students.append(RunSpec.create(**{**values("student", False), **where, "model": student,
                                                   "role": "student", "method": "pure"}))
             for method in methods:
-                for alpha in listed(raw.get("alphas"), "alphas") or [None]:  # None: the preset's, else RunSpec's
+                alphas = [None] if "alpha" in own[method] else listed(raw.get("alphas"), "alphas") or [None]
+                for alpha in alphas:  # None: the method's own, the preset's, else RunSpec's
                     given = {} if alpha is None else {"alpha": as_float(alpha)}
+                    fixed = {k: as_float(v) for k, v in own[method].items() if k in spec_fields()}
+                    method_options = {**options.get(method, {}),
+                                      **{k: v for k, v in own[method].items() if k not in spec_fields()}}
                     students.append(RunSpec.create(**{**values("student", True), **where, "model": student,
-                                                      "teacher": teacher, "method": method, **given,
-                                                      "role": "student", "options": options.get(method)}
+                                                      "teacher": teacher, "method": method, **given, **fixed,
+                                                      "role": "student", "options": method_options}
                                                    ).taught_by(taught_by))
     return teachers, students
+
+
+def method_entries(value: Any) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """A grid's `methods`: names (`[logit, rkd]`), or names with values of their own, such as the
+    field's loss weights (`{logit: {alpha: 0.9}, fitnets: {alpha: 1, ce_weight: 1}}`), which win over
+    `alphas` and `spec:`; an option there must be the method's own."""
+    entries = dict(value) if isinstance(value, dict) else dict.fromkeys(listed(value, "methods"))
+    for method, own in entries.items():
+        if not isinstance(method, str):
+            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: see kd methods")
+        entries[method] = dict(mapping(own, f"grid method {method}"))
+        foreign = [k for k in entries[method] if k not in spec_fields() and method in METHODS
+                   and k not in METHODS[method].options]
+        if foreign:
+            raise SpecError(f"grid method {method}: {', '.join(map(str, foreign))} is neither a spec field nor "
+                            f"an option of {method} (see kd methods)")
+    return list(entries), entries
 
 
 def mapping(value: Any, what: str) -> dict[Any, Any]:
