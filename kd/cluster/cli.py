@@ -141,7 +141,7 @@ def print_unsynced(client: Any, roots: list[Path]) -> None:
     for folder in journal_folders(roots):
         try:
             state = local_state(folder)
-            fenced = state["pending"] and found and taken_over(Ledger(client, found), folder,
+            fenced = state["pending"] and found and taken_over(lambda: Ledger(client, found), folder,
                                                                read_records(folder / JOURNAL), state["pending"])
         except BadJournal as err:
             print(f"unreadable: {err}")

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,13 +393,14 @@ class TakenOver(SetAside):
         super().__init__(f"{count} record(s) of {folder} are not shipped: {self.why}")
 
 
-def taken_over(ledger: Ledger, folder: Path, records: list[dict[str, Any]], count: int) -> TakenOver | None:
+def taken_over(ledger: Callable[[], Ledger], folder: Path, records: list[dict[str, Any]], count: int,
+               ) -> TakenOver | None:
     """Whether a later lease generation than the journal's own holds its run (journals without one,
-    journal-only runs, are never taken over: one folder per run)."""
+    journal-only runs, are never taken over: one folder per run). `ledger` is asked only then."""
     generation = lease_generation(records)
     if generation is None:
         return None
-    holders = ledger.generations(f"{store_run_id(folder)}/lease")
+    holders = ledger().generations(f"{store_run_id(folder)}/lease")
     latest = max(holders, default=0)
     return TakenOver(folder, count, generation, latest, holders[latest]) if latest > generation else None
 
@@ -407,7 +409,7 @@ def set_aside_if_taken_over(ledger: Ledger, folder: Path) -> None:
     """A journal folder whose lease another process took over since (it resumed the run from the store,
     elsewhere) is not resumed here: it is moved to `set-aside/`, and the run resumes from the store."""
     records = read_records(folder / JOURNAL)
-    fenced = taken_over(ledger, folder, records, len(pending(folder, records)))
+    fenced = taken_over(lambda: ledger, folder, records, len(pending(folder, records)))
     if fenced:
         kept = set_aside(folder, fenced.generation)
         print(f"kd: set aside {kept} ({fenced.count} record(s) not shipped): {fenced.why}; resuming from the store",

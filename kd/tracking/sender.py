@@ -70,7 +70,7 @@ def ship(client: MlflowClient, folder: Path, ledger: Ledger | None = None) -> in
     records = pending(folder, every)
     if not records:
         return 0
-    fenced = taken_over(ledger or Ledger(client), folder, every, len(records))
+    fenced = taken_over(lambda: ledger or Ledger(client), folder, every, len(records))
     if fenced:
         raise fenced
     run_id = store_run_id(folder)
