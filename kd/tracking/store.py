@@ -86,7 +86,7 @@ def check_reachable(uri: str) -> None:
             import requests  # mlflow's own HTTP client
 
             answer = requests.get(uri.rstrip("/") + PROBE_PATH, timeout=(PROBE_CONNECT_S, PROBE_READ_S),
-                                  auth=basic_auth(), headers=bearer())
+                                  auth=basic_auth(), headers=bearer(), verify=tls_verify())
             if answer.status_code >= 500:  # it answered that it cannot serve (its database is away)
                 answer.raise_for_status()
         elif parsed.hostname:
@@ -110,6 +110,13 @@ def basic_auth() -> tuple[str, str] | None:
 def bearer() -> dict[str, str]:
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def tls_verify() -> bool | str:
+    """How MLflow's client checks the server's certificate (its insecure and CA-file settings)."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
 
 
 def check_writable() -> None:
