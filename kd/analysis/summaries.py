@@ -28,6 +28,7 @@ from kd.tracking.store import experiment_id
 
 SUMMARY = "summary"  # the kd.analysis tag of a summary run
 ENDS = (("best_test_acc", "best_acc"), ("final_test_acc", "final_acc"))  # summary metric -> runs column
+MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 
 
 def epoch_stats(curves: pd.DataFrame, run_ids: pd.Series) -> pd.DataFrame:
@@ -111,9 +112,23 @@ def log_summaries(client: MlflowClient, experiment: str, summaries: list[RecipeS
             continue
         for run in old:
             client.delete_run(run.info.run_id)
-        tags = summary.tags(client)
-        run_id = client.create_run(exp_id, run_name=summary.name(), tags=tags).info.run_id
-        client.log_batch(run_id, metrics=summary.metrics())
-        client.set_terminated(run_id, "FINISHED")
+        log_summary(client, exp_id, summary)
         logged += 1
     return logged, unchanged
+
+
+def log_summary(client: MlflowClient, exp_id: str, summary: RecipeSummary) -> None:
+    """One summary run; its digest is set last, and a run whose writing failed is deleted, so a
+    half-written summary never passes for a finished one."""
+    tags = summary.tags(client)
+    digest = tags.pop(T.DIGEST)
+    run_id = client.create_run(exp_id, run_name=summary.name(), tags=tags).info.run_id
+    try:
+        points = summary.metrics()
+        for start in range(0, len(points), MAX_BATCH):
+            client.log_batch(run_id, metrics=points[start:start + MAX_BATCH])
+        client.set_tag(run_id, T.DIGEST, digest)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.delete_run(run_id)
+        raise
