@@ -8,7 +8,9 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import json
 import os
+import pickle
 import shutil
 import subprocess
 import time
@@ -21,8 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from kd.cli import build_parser, distill_spec, train_spec
+from kd.analysis import legacy
+from kd.cli import build_parser, distill_spec, main, train_spec
 from kd.cluster.grids import load_grid, method_options, spec_fields
+from kd.cluster.schedulers import SCHEDULERS, Pbs, SchedulerError
+from kd.cluster.templates import JobSettings
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 from kd.tracking.ledger import LEDGER_EXPERIMENT
@@ -30,6 +35,8 @@ from kd.tracking.runs import RunTracker
 from kd.tracking.sender import ship
 from kd.tracking.store import experiment_id, get_client
 from tests.conftest import DIGITS_FAST, mlflow_run, run_kd
+from tests.test_analysis import legacy_dir
+from tests.test_data import write_cifar
 
 DISTILL = ("distill", "--teacher", "ResNet8", "--student", "ResNet8", *DIGITS_FAST, "--epochs", "1")
 TRAIN = ("train", "--model", "ResNet8", *DIGITS_FAST, "--epochs", "1")
@@ -297,3 +304,213 @@ def test_any_grid_spec_gives_specs_or_one_line(tmp_path, spec, methods, seeds):
         assert "\n" not in str(bad) and ": " in str(bad)
     else:
         assert all(isinstance(s, RunSpec) for s in grid.specs)
+
+
+# ----------------------------------------------------------------------------------- one line, not a traceback (issue 25)
+
+def refused(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """The one stderr line of `kd ARGV` run in this process (torch and mlflow load once for all cases)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:  # argparse's refusals
+        code = stop.code
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, out + err
+    assert len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def not_utf8(path: Path) -> str:
+    path.write_bytes(b"datasets: [digits]\n\xff\xfe\n")
+    return str(path)
+
+
+def grid_with_job(path: Path, job: dict) -> str:
+    path.write_text(yaml.safe_dump({"datasets": ["digits"], "seeds": [0], "teacher": "ResNet8", "student": "ResNet8",
+                                    "methods": ["logit"], "job": job}))
+    return str(path)
+
+
+def tinyimagenet_with_bad_wnids(root: Path) -> str:
+    tree = root / "tiny-imagenet-200"
+    (tree / "train").mkdir(parents=True)
+    (tree / "val").mkdir()
+    (tree / "val" / "val_annotations.txt").write_text("")
+    (tree / "wnids.txt").write_bytes(b"n01443537\n\xe9\n")
+    return str(root)
+
+
+# (argv or a function of tmp_path giving it, environment, what the line must say); each fails before any run
+BEFORE_ANY_RUN = {
+    "mps": ((*TRAIN, "--device", "mps"), {}, "kd: --device mps but this machine has no Apple GPU (MPS): pass --device"),
+    "ft-rate": ((*DISTILL, "--method", "factor_transfer", "--ft-rate", "1e6"), {},
+                "kd: factor_transfer option ft_rate=1000000.0 is out of range: pass --ft-rate in (0, 8]"),
+    "ipv6-uri": (TRAIN, {"MLFLOW_TRACKING_URI": "http://[::1"},
+                 "kd: MLFLOW_TRACKING_URI=http://[::1 is not a valid URL (Invalid IPv6 URL): fix it"),
+    "experiment": ((*TRAIN, "--experiment", ""), {}, "argument --experiment: an experiment needs a name"),
+    "demo-epochs": (("demo", "--epochs", "0"), {}, "argument --epochs: '0' is not a whole number of 1 or more"),
+    "sync-timeout": ((*TRAIN, "--sync-timeout", "nan"), {}, "'nan' is not a number of seconds (0 or more)"),
+    "grid-modules": (lambda tmp: ("submit", "--grid", grid_with_job(tmp / "g.yaml", {"modules": [1]}), "--dry-run",
+                                  "--scheduler", "local"), {}, "kd: job setting modules=1 is rejected: it must be text"),
+    "grid-module-list": (lambda tmp: ("submit", "--grid", grid_with_job(tmp / "g.yaml", {"modules": [["a", "b"]]}),
+                                      "--dry-run", "--scheduler", "local"), {}, "job setting modules=['a', 'b']"),
+    "grid-not-utf8": (lambda tmp: ("submit", "--grid", not_utf8(tmp / "g.yaml"), "--dry-run", "--scheduler", "local"),
+                      {}, "is not UTF-8 text (byte 19): save it as UTF-8"),
+    "crontab-not-utf8": (lambda tmp: ("cron", "on", "--grid", "smoke", "--crontab-file", not_utf8(tmp / "crontab")),
+                         {}, "kd: --crontab-file"),
+    "report-out": (lambda tmp: ("report", "--out", str(tmp / "config.json" / "report")), {},
+                   "cannot be made a folder (Not a directory): pass --out a folder you can write"),
+}
+AFTER_THE_STORE = {  # these need the store (or the data) first: an empty store may be left, never a run
+    "val-fraction": ((*TRAIN, "--val-fraction", "0.999"), "kd: val_fraction 0.999 holds out 1436 of 1437 training "
+                     "images and leaves 1: each side needs an image of each of the 10 classes: pass --val-fraction "
+                     "from 0.007 to 0.993"),
+    "unknown-run-id": (("job", "--run-id", "nosuch"), "kd: --run-id 'nosuch': no such run in the tracking store"),
+    "wnids-not-utf8": (lambda tmp: ("train", "--dataset", "tinyimagenet", "--model", "ResNet8", "--device", "cpu",
+                                    "--data-root", tinyimagenet_with_bad_wnids(tmp / "data")),
+                       "wnids.txt is malformed (not UTF-8 text: byte 10)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_ANY_RUN))
+def test_bad_input_stops_before_the_store_in_one_line(store, tmp_path, monkeypatch, capsys, case):
+    argv, env, needle = BEFORE_ANY_RUN[case]
+    (tmp_path / "config.json").write_text("{}")  # a file that --out cannot be a folder under
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = refused(capsys, *(argv(tmp_path) if callable(argv) else argv))
+    assert needle in line, line
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("case", sorted(AFTER_THE_STORE))
+def test_bad_input_found_with_the_data_is_one_line_and_no_run(store, tmp_path, monkeypatch, capsys, case):
+    argv, needle = AFTER_THE_STORE[case]
+    monkeypatch.delenv("KD_DATA_ROOT", raising=False)  # kd train --data-root sets it for the process
+    line = refused(capsys, *(argv(tmp_path) if callable(argv) else argv))
+    assert needle in line, line
+    assert all_runs() == []
+
+
+def test_offline_timm_weights_are_one_line_in_seconds(store, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    line = refused(capsys, "train", "--model", "ViTTiny224", "--init-weights", "timm", *DIGITS_FAST, "--epochs", "1",
+                   "--tracking", "journal", "--journal-dir", str(tmp_path / "journals"))
+    assert line.startswith("kd: cannot fetch timm's vit_tiny_patch16_224.augreg_in21k_ft_in1k: http://127.0.0.1:9 "
+                           "does not answer (Connection refused) and the hub cache lacks it: on an offline machine "
+                           "pass --teacher-weights FILE"), line
+    assert time.monotonic() - start < 30 and not list(tmp_path.glob("journals/*"))  # no run's folder
+
+
+@pytest.mark.parametrize("argv", [("distill", "--epochs", "abc"), ("distill", "--no-such-option", "1")])
+def test_bad_flags_under_mlflow_run_tag_its_run(store, monkeypatch, capsys, argv):
+    """`mlflow run -P epochs=abc` (or an unknown -P name) reaches the entry point as these flags, with
+    MLFLOW_RUN_ID set to the run it will mark FAILED: that run says why in kd.error."""
+    client = get_client()
+    run_id = client.create_run(experiment_id(client, "kd")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    line = refused(capsys, *argv)
+    assert client.get_run(run_id).data.tags["kd.error"] == line
+    assert "'abc'" in line or "unrecognized arguments: --no-such-option 1" in line
+
+
+def test_a_refused_submission_shows_what_the_scheduler_said(tmp_path, monkeypatch):
+    (tmp_path / "qsub").write_text("#!/bin/sh\necho 'qsub: Job rejected by all possible destinations' >&2\nexit 1\n")
+    (tmp_path / "qsub").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SchedulerError) as refusal:
+        Pbs().submit(tmp_path / "job.sh", tmp_path / "job.log")
+    assert str(refusal.value) == "qsub failed (exit 1): qsub: Job rejected by all possible destinations"
+
+
+def unreadable_cifar_root(root: Path) -> Path:
+    write_cifar(root, "cifar10")
+    root.chmod(0)
+    return root
+
+
+def unreadable_cifar_batch(root: Path) -> Path:
+    write_cifar(root, "cifar10")
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.chmod(0)
+    return batch
+
+
+@pytest.mark.parametrize("make", [unreadable_cifar_root, unreadable_cifar_batch])
+def test_unreadable_data_is_one_line(tmp_path, make):
+    root = tmp_path / "data"
+    named = make(root)
+    try:
+        line = one_line(run_kd("train", "--dataset", "cifar10", "--model", "ResNet8", "--device", "cpu", "--data-root",
+                               str(root), "--tracking", "journal", "--journal-dir", str(tmp_path / "journals"),
+                               wrapper=without_root_powers()))
+    finally:
+        root.chmod(0o755)
+    assert line.startswith(f"kd: {named}") and "cannot be used (Permission denied): make the data root" in line, line
+
+
+def test_a_malformed_legacy_folder_is_skipped_and_the_rest_import(store, tmp_path, capsys):
+    seeds = tmp_path / "beta" / "experiments" / "Cifar10" / "pure" / "ResNet8"
+    for seed in range(4):
+        legacy_dir(tmp_path / "beta", f"Cifar10/pure/ResNet8/{seed}", "ResNet8", [40.0, 60.0, 65.0])
+    (seeds / "0" / "status.json").write_text(json.dumps({"status": ["completed"]}))
+    (seeds / "1" / "best.pth").write_bytes(b"")
+    (seeds / "2" / "best.pth").write_bytes(pickle.dumps({"weights": {"conv1.weight": [1.0]}}))
+    assert main(["import-legacy", str(tmp_path / "beta")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "skipped Cifar10/pure/ResNet8/0: status.json status is ['completed']: expected one of completed, in_progress",
+        "skipped Cifar10/pure/ResNet8/1: best.pth is empty (a save that was interrupted)",
+        "skipped Cifar10/pure/ResNet8/2: best.pth is not a weights-only PyTorch checkpoint (a plain pickle or another "
+        "file)"]
+    assert "imported 1 runs" in out and [r.data.tags["kd.legacy_path"] for r in all_runs()] == ["Cifar10/pure/ResNet8/3"]
+
+
+JOB_BLOCKS = st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(JobSettings)]),
+                             st.one_of(VALUES, st.sampled_from(["02:00:00", "16gb", "cpu", "cuda:0", "journal"])),
+                             max_size=4)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(job=JOB_BLOCKS)
+def test_any_grid_job_block_gives_job_scripts_or_one_line(tmp_path, job):
+    """What passes the dry run also makes every scheduler's script (`modules: [[a, b]]` once failed only at qsub)."""
+    try:
+        settings_ = load_grid(grid_with_job(tmp_path / "grid.yaml", job)).job.resolved()
+    except SpecError as bad:
+        assert "\n" not in str(bad) and ": " in str(bad)
+    else:
+        for scheduler in SCHEDULERS.values():
+            assert scheduler().script(settings_, "teacher-s0", ["kd", "job", "--run-id", "r"], {}).startswith("#!")
+
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(), st.text(max_size=6)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner,
+                                                                                          max_size=3)),
+                    max_leaves=6)
+LEGACY_CONFIGS = st.dictionaries(st.sampled_from([*legacy.CONFIG_FIELDS, "alpha"]), JSON, max_size=3)
+CURVE = st.one_of(st.lists(st.floats(0, 100), min_size=1, max_size=3), JSON)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(status=st.one_of(st.fixed_dictionaries({"status": st.one_of(st.sampled_from(list(legacy.STATUSES)), JSON)},
+                                              optional={"config": st.one_of(LEGACY_CONFIGS, JSON)}), JSON),
+       metrics=st.fixed_dictionaries({name: CURVE for name in legacy.CURVES},
+                                     optional={"config": st.one_of(LEGACY_CONFIGS, JSON)}))
+def test_any_legacy_json_gives_a_run_or_a_reason(tmp_path, status, metrics):
+    """import-legacy reads status.json and metrics.json of any content as a run or one reason to skip the folder."""
+    folder = tmp_path / "Cifar10" / "logit" / "ResNet20_to_ResNet8" / "0"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "status.json").write_text(json.dumps(status))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    try:
+        run = legacy.read_run(folder, tmp_path, set())
+    except legacy.Malformed as bad:
+        assert "\n" not in str(bad)
+    else:
+        assert run.status in legacy.STATUSES and run.spec.dataset == "cifar10"

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from scipy.io import savemat
 
 import kd.data.fashion_mnist as fashion_mnist
+import kd.data.tinyimagenet as tinyimagenet
 from kd.data import DATASETS, DataError, ImageData, load_dataset
 from kd.spec import SpecError
 
@@ -165,6 +167,15 @@ def test_cifar_malformed_file_names_it(tmp_path: Path, offline: None, corrupt) -
     with pytest.raises(DataError) as error:
         load_dataset("cifar10", tmp_path)
     assert_one_line_error(error, bad, "delete it")
+
+
+def test_cifar_batch_holding_empty_bytes_loads(tmp_path: Path, offline: None) -> None:
+    """Protocol 2 writes b'' as a call of bytes(): harmless data the safe unpickler must read."""
+    train, test = write_cifar(tmp_path, "cifar10")
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    content = pickle.loads(batch.read_bytes(), encoding="bytes")
+    batch.write_bytes(pickle.dumps({**content, b"batch_label": b""}, protocol=2))
+    assert_data(load_dataset("cifar10", tmp_path), train, test)
 
 
 class Hostile:
@@ -359,6 +370,49 @@ def test_tinyimagenet_truncated_cache_names_it(tiny_root: Path, offline: None) -
     with pytest.raises(DataError) as error:
         load_dataset("tinyimagenet", tiny_root)
     assert_one_line_error(error, cache, "delete it")
+
+
+def cache_arrays(train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A cache's four arrays around the given labels (black images)."""
+    return {"train_images": np.zeros((len(train_labels), 3, 64, 64), np.uint8), "train_labels": train_labels,
+            "test_images": np.zeros((len(test_labels), 3, 64, 64), np.uint8), "test_labels": test_labels}
+
+
+@pytest.mark.parametrize(
+    "train_labels, test_labels",
+    [
+        (np.array([0, 200]), np.array([3])),  # out of range
+        (np.array([0, 1]), np.array([-1])),
+        (np.array([0.0, 1.0]), np.array([3])),  # not int64
+        (np.array([], np.int64), np.array([3])),  # an empty split
+    ],
+    ids=["label-200", "label-minus-1", "float-labels", "empty-train"],
+)
+def test_tinyimagenet_cache_with_wrong_labels_names_it(
+    tmp_path: Path, offline: None, train_labels: np.ndarray, test_labels: np.ndarray
+) -> None:
+    cache = tmp_path / tinyimagenet.CACHE
+    tinyimagenet.write_cache(cache, cache_arrays(train_labels, test_labels))
+    with pytest.raises(DataError) as error:
+        load_dataset("tinyimagenet", tmp_path)
+    assert_one_line_error(error, cache, "labels must be int64 in 0..199, at least one", "delete it")
+
+
+@pytest.mark.parametrize("root_mode, cache_mode", [(0o750, 0o640), (0o700, 0o600), (0o775, 0o664)])
+def test_tinyimagenet_cache_is_readable_like_the_data_root(tmp_path: Path, root_mode: int, cache_mode: int) -> None:
+    root = tmp_path / "data"
+    root.mkdir(mode=root_mode)
+    root.chmod(root_mode)  # mkdir's mode passes through the umask
+    tinyimagenet.write_cache(root / tinyimagenet.CACHE, cache_arrays(np.array([0]), np.array([1])))
+    assert stat.S_IMODE((root / tinyimagenet.CACHE).stat().st_mode) == cache_mode
+
+
+def test_tinyimagenet_wnids_not_utf8_names_it(tiny_root: Path, offline: None) -> None:
+    wnids = tiny_root / "tiny-imagenet-200" / "wnids.txt"
+    wnids.write_bytes(wnids.read_bytes().replace(b"n00000007", b"n0000\xe9007"))
+    with pytest.raises(DataError) as error:
+        load_dataset("tinyimagenet", tiny_root)
+    assert_one_line_error(error, wnids, "not UTF-8 text: byte 75", "delete it")
 
 
 def test_tinyimagenet_missing_offline_names_expected_files(tmp_path: Path, offline: None) -> None:

@@ -93,19 +93,19 @@ class JobSettings:
                 continue
             expected = {"int": int, "bool": bool, "tuple": tuple}.get(kind.split("[")[0].split(" ")[0], str)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise SpecError(f"job setting {f.name}={value!r} must be {expected.__name__}"
-                                + (" (quote it in YAML: \"2:00:00\")" if f.name == "walltime" else ""))
+                fix = 'quote it in YAML: "2:00:00"' if f.name == "walltime" else "fix the grid's job: block or --set"
+                raise SpecError(f"job setting {f.name}={value!r} must be {expected.__name__}: {fix}")
         if not WALLTIME.fullmatch(self.walltime):
-            raise SpecError(f"job setting walltime={self.walltime!r} is not HH:MM:SS (e.g. 02:00:00)")
+            raise SpecError(f"job setting walltime={self.walltime!r} is not HH:MM:SS: write it like 02:00:00")
         if not MEM.fullmatch(self.mem):
-            raise SpecError(f"job setting mem={self.mem!r} is not a size like 16gb or 500mb")
+            raise SpecError(f"job setting mem={self.mem!r} is not a size: write it like 16gb or 500mb")
         try:
             self.options()
         except SpecError as err:  # "--collapse-after -1 ..." named as the grid's `job:` block names it
             name, _, rest = str(err).removeprefix("--").partition(" ")
             raise SpecError(f"job setting {name.replace('-', '_')} {rest}") from None
         if self.ncpus < 1 or self.gpus < 0:
-            raise SpecError("job settings need ncpus >= 1 and gpus >= 0")
+            raise SpecError(f"job settings ncpus={self.ncpus}, gpus={self.gpus}: pass ncpus 1 or more, gpus 0 or more")
         if self.venv and self.conda_env:
             raise SpecError("job settings venv and conda_env are both set: keep one")
         for name in ("queue", "project", "partition", "gres", "constraint"):
