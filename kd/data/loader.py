@@ -2,7 +2,9 @@
 
 Each epoch's order and augmentation are drawn from a generator seeded by (seed, epoch), so an
 epoch's batches depend on nothing else: a resumed run (even mid-epoch) and a packed run see
-exactly the batches an uninterrupted solo run sees.
+exactly the batches an uninterrupted solo run sees. What a method asks beyond images and labels
+(`Method.inputs`: each sample's index, a strongly augmented second view) comes with each batch,
+drawn from the same generator after the batch's own draws, so asking changes no batch.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kd.data.augment import crop_flip, draw_crop_flip, normalize
+from kd.data.augment import crop_flip, draw_crop_flip, draw_strong, normalize, strong_view
 from kd.data.base import DATASETS, ImageData, check_validation_split
+from kd.methods.base import INDEX, STRONG_VIEW
+
+Extras = dict[str, Tensor]  # a batch's extra inputs by name (INDEX, STRONG_VIEW)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -69,16 +74,28 @@ class DeviceData:
 
     def train_batches(self, epoch: int, batch_size: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The epoch's augmented batches, from batch number `start` (for a mid-epoch resume)."""
+        for images, labels, _ in self.train_batches_with(epoch, batch_size, start):
+            yield images, labels
+
+    def train_batches_with(self, epoch: int, batch_size: int, start: int = 0,
+                           wants: frozenset[str] = frozenset()) -> Iterator[tuple[Tensor, Tensor, Extras]]:
+        """`train_batches` with the extra inputs named in `wants`: INDEX, each sample's position in
+        the training split; STRONG_VIEW, its normalised strong view (kd/data/augment.py)."""
         g = epoch_generator(self.seed, epoch)
         n = len(self.train)
         order = torch.randperm(n, generator=g)
         offsets, flips = draw_crop_flip(n, self.padding, self.flip, g)
+        strong = draw_strong(n, self.padding, self.flip, self.image_size, g) if STRONG_VIEW in wants else None
         device = self.train.images.device
         for b in range(start, self.steps_per_epoch(batch_size)):
             idx = order[b * batch_size : (b + 1) * batch_size]
             idx_dev = idx.to(device, non_blocking=True)
-            images = crop_flip(self.train.images[idx_dev], offsets[idx], flips[idx], self.padding)
-            yield normalize(images, self.mean, self.std), self.train.labels[idx_dev]
+            raw = self.train.images[idx_dev]
+            extras: Extras = {INDEX: idx_dev} if INDEX in wants else {}
+            if strong is not None:
+                extras[STRONG_VIEW] = normalize(strong_view(raw, strong.select(idx), self.padding), self.mean, self.std)
+            images = crop_flip(raw, offsets[idx], flips[idx], self.padding)
+            yield normalize(images, self.mean, self.std), self.train.labels[idx_dev], extras
 
     def eval_batches(self, split: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for b in range(0, len(split), batch_size):

@@ -20,7 +20,9 @@ step needs no host sync (fused SGD; capturable fused AdamW). Beyond the recipe:
 - models and the input buffer are channels_last; autocast runs without its weight-cast cache;
 - the shorter last batch of an epoch runs eagerly, so the batches are those of the eager path;
 - a method whose forward depends on the epoch (DKD's warm-up ramp) is re-captured when its
-  `Method.epoch_key` changes.
+  `Method.epoch_key` changes;
+- a batch's extra inputs (`Method.inputs`: indices, a strong view) have static buffers like x and
+  y, and the teacher's forward on the strong view is captured with the rest.
 
 Where capture is impossible (no GPU, a method that says `not_capturable`, a capture that fails)
 students train eagerly, and each run's tag `kd.step_mode` says `cuda_graph` or `eager: <why>`.
@@ -38,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from kd.data.loader import DeviceData
+from kd.data.loader import DeviceData, Extras
 from kd.engine.trainer import Student, Trainer, teacher_forward
 from kd.methods import METHODS
 from kd.spec import RunSpec
@@ -135,6 +137,7 @@ class GraphedTrainer(Trainer):
         self.replay: Callable[[], Any] | None = None
         self.warmups_left = 0
         self.static: tuple[Tensor, Tensor, Tensor] | None = None  # x, y, 1-based step number
+        self.static_extras: Extras = {}  # the batch's extra inputs, by name
         self.lrs: dict[int, list[Tensor]] = {}  # per student, one lr tensor per param group
         self.lrs_for: tuple | None = None  # (epoch, students) the lr tensors were filled for
         self.streams: dict[int, torch.cuda.Stream] = {}  # per student: its branch of the graph
@@ -143,17 +146,18 @@ class GraphedTrainer(Trainer):
     def capturable(self, s: Student) -> bool:
         return self.failure is None and s.method.not_capturable is None
 
-    def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int) -> None:
+    def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int,
+                    extras: Extras | None = None) -> None:
         self.epoch = epoch
         graphed = [s for s in stepping if self.capturable(s)]
         if not graphed or len(y) != self.spec.batch_size:  # nothing to replay, or the short last batch
-            super().train_batch(stepping, x, y, epoch, b)
+            super().train_batch(stepping, x, y, epoch, b, extras)
             return
         key = (tuple(map(id, graphed)), tuple(s.method.epoch_key(epoch) for s in graphed))
         if key != self.key:
             self.check()
             if not all(map(self.alive, graphed)):  # the guard's read found one diverged: again without it
-                self.train_batch([s for s in stepping if self.alive(s)], x, y, epoch, b)
+                self.train_batch([s for s in stepping if self.alive(s)], x, y, epoch, b, extras)
                 return
             self.key, self.replay, self.warmups_left = key, None, WARMUP_STEPS
         self.hold(graphed, epoch)
@@ -161,22 +165,23 @@ class GraphedTrainer(Trainer):
         static_x.copy_(x)
         static_y.copy_(y)
         static_step.fill_(b + 1)
+        self.copy_extras(extras or {})
         if self.warmups_left:
             self.full_batch_forwards(static_x, static_y, self.capture_precision)  # compiled first, if asked
             self.warmups_left -= 1
             with self.graphs.warmup(), self.tensor_lrs(graphed):
-                teacher_out = self.whole_step(graphed, epoch)
+                teacher_out, views = self.whole_step(graphed, epoch)
         else:
             if self.replay is None and not self.capture(graphed, epoch):
-                super().train_batch(stepping, x, y, epoch, b)
+                super().train_batch(stepping, x, y, epoch, b, extras)
                 return
-            teacher_out = self.replay()
+            teacher_out, views = self.replay()
         graphed_ids = set(map(id, graphed))
         for s in stepping:
             if id(s) in graphed_ids:
                 self.stepped(s, len(y), b)
             else:  # not capturable: steps eagerly on the graph's teacher outputs
-                self.eager_step(s, x, y, teacher_out, epoch, b)
+                self.eager_step(s, x, y, teacher_out, epoch, b, extras=views)
         self.since_check += 1
         if self.since_check >= GUARD_EVERY:
             self.since_check = 0
@@ -194,13 +199,15 @@ class GraphedTrainer(Trainer):
             return False
         return True
 
-    def whole_step(self, graphed: list[Student], epoch: int) -> list[Tensor] | None:
-        """What the graph captures: the teacher once, then each student's `step` (no host reads)."""
+    def whole_step(self, graphed: list[Student], epoch: int) -> tuple[list[Tensor] | None, Extras]:
+        """What the graph captures: the teacher once (and on the strong view, if any), then each
+        student's `step` (no host reads). Returns the teacher's outputs and the batch's extras."""
         x, y, step = self.static
         teacher_out = teacher_forward(self.forwards(self.teacher), x, self.capture_precision)
+        views = self.teacher_views(self.static_extras, self.forwards, self.capture_precision)
         for s in self.side_by_side(graphed):
-            self.step(s, x, y, teacher_out, epoch, step, self.forwards(s.model), self.capture_precision)
-        return teacher_out
+            self.step(s, x, y, teacher_out, epoch, step, self.forwards(s.model), self.capture_precision, views)
+        return teacher_out, views
 
     def side_by_side(self, graphed: list[Student]) -> Iterator[Student]:
         """Each student's step on its own CUDA stream, forked after the teacher and joined at the
@@ -227,6 +234,15 @@ class GraphedTrainer(Trainer):
             step = torch.zeros((), dtype=torch.int64, device=x.device)
             self.static = (torch.empty_like(x, memory_format=self.format), torch.empty_like(y), step)
         return self.static
+
+    def copy_extras(self, extras: Extras) -> None:
+        """The batch's extra inputs into their static buffers (made at the first batch that has them;
+        a pack's extras are the same every batch, as its students are)."""
+        for name, value in extras.items():
+            if name not in self.static_extras:
+                memory = self.format if value.dim() == 4 else torch.preserve_format
+                self.static_extras[name] = torch.empty_like(value, memory_format=memory)
+            self.static_extras[name].copy_(value)
 
     def hold(self, graphed: list[Student], epoch: int) -> None:
         """Before the steps to come: the students' sums in their tallies, their learning rates in

@@ -35,6 +35,13 @@ def one_of(*choices: str) -> Rule:
 
 NOT_NEGATIVE = at_least(0)  # every *_weight: a negative weight turns distillation into its opposite
 
+# What a method may ask of a step beyond (student, teacher, targets, epoch) (`Method.inputs`); the
+# data path (kd/data/loader.py) supplies each batch's, the trainer hands them to `forward`.
+INDEX = "index"  # forward(..., index=): int64 (N,), each sample's position in the training split
+# forward(..., student_strong=, teacher_strong=): both networks' outputs on a strongly augmented
+# second view of the batch (kd/data/augment.py)
+STRONG_VIEW = "strong_view"
+
 # The loss metrics every method's runs log (docs/methods.md), beside each method's own terms; here,
 # below the engine that computes them, so that analysis can name them without importing the engine.
 LOSS_TOTAL, LOSS_CE, LOSS_DISTILL = "loss_total", "loss_ce", "loss_distill"
@@ -49,7 +56,12 @@ class Method(nn.Module):
     - `not_capturable`: None if its step can be captured in a CUDA graph, else why not (it then
       trains eagerly beside the graph; kd/engine/fast.py);
     - `epoch_key(epoch)`: what its forward makes of the epoch (a graph is captured again when it
-      changes); None, the default, for a forward that ignores the epoch.
+      changes); None, the default, for a forward that ignores the epoch;
+    - `inputs`: what its forward takes beyond the outputs (INDEX, STRONG_VIEW); the data path and
+      the trainer do that work only for a method that asks.
+
+    A method built for a run also gets `train_labels`, the training split's labels in INDEX order
+    (None outside a run): what a method whose state spans the dataset (CRD's memory bank) is sized by.
     """
 
     name: ClassVar[str]
@@ -64,9 +76,12 @@ class Method(nn.Module):
     pretrain_artifact: ClassVar[str | None] = None
     # None: the step can be captured in a CUDA graph; else why it cannot (the method trains eagerly).
     not_capturable: ClassVar[str | None] = None
+    # Extra inputs of `forward` (INDEX, STRONG_VIEW); empty: none, and the step does no extra work.
+    inputs: ClassVar[frozenset[str]] = frozenset()
     temperature: float  # the spec's shared temperature (build_method passes it), not an option
 
-    def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes | None, **options: Any) -> None:
+    def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes | None, train_labels: Tensor | None = None,
+                 **options: Any) -> None:
         super().__init__()
         self.student_shapes = student_shapes
         self.teacher_shapes = teacher_shapes
