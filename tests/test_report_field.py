@@ -94,7 +94,7 @@ def test_a_difference_is_flagged_when_it_should_be(client: MlflowClient, tmp_pat
     assert table_row(table, "NST", student="ResNet8x4")["flags"].startswith("not the sources' recipe: epochs=3")
     assert table_row(table, "teacher", student="ResNet8x4")["flags"] == ""
     assert table_row(table, "FitNet", student="ResNet8x4")["flags"] == "no kd runs"
-    assert table_row(table, "CRD", student="ResNet8x4")["flags"] == "no such method in kd"
+    assert table_row(table, "SP", student="ResNet8x4")["flags"] == "no such method in kd"
     other = table_row(table, "logit", dataset="cifar10")  # another dataset: kd's numbers, nothing published
     assert (other.published, other.source, other.n) == ("", "", 3)
     assert "DKD" in (tmp_path / "r" / "field.md").read_text() and "## Sources" in (tmp_path / "r" / "field.md").read_text()
