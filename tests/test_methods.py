@@ -23,8 +23,10 @@ from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 
 # Every registered method of the suite (not those other tests register for themselves) that
-# distills, i.e. all but `pure`: a method added to the registry is tested here without a word.
-METHOD_NAMES = [name for name, cls in METHODS.items() if cls.__module__.startswith("kd.methods.") and name != "pure"]
+# distills, i.e. all but `pure`: a method added to the registry is tested here without a word. Methods
+# that take extra inputs (Method.inputs: CRD, MLKD) are called with them in tests/test_methods_crd_mlkd.py.
+METHOD_NAMES = [name for name, cls in METHODS.items()
+                if cls.__module__.startswith("kd.methods.") and name != "pure" and not cls.inputs]
 CIFAR = [torch.Size(s) for s in [(16, 32, 32), (32, 16, 16), (64, 8, 8), (100,)]]  # ResNet56 / ResNet112
 RESNET18 = [torch.Size(s) for s in [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (100,)]]
 

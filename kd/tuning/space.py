@@ -63,6 +63,12 @@ FIELDS: dict[str, Dim] = {
 DECLARED: dict[str, Dim] = {
     "rkd_distance_weight": Dim("rkd_distance_weight", 0.5, 250.0, log=True),
     "rkd_angle_weight": Dim("rkd_angle_weight", 1.0, 500.0, log=True),
+    # CRD: its weight 1/10 to 10 times the authors' 0.8; the NCE temperature around their 0.07.
+    "crd_weight": Dim("crd_weight", 0.08, 8.0, log=True),
+    "crd_nce_temperature": Dim("crd_nce_temperature", 0.02, 0.3, log=True),
+    # MLKD: the level terms' weight around 1 (the authors' 0.9 under alpha 0.9), the strong CE around 0.111.
+    "mlkd_weight": Dim("mlkd_weight", 0.1, 10.0, log=True),
+    "mlkd_strong_ce_weight": Dim("mlkd_strong_ce_weight", 0.01, 1.0, log=True),
 }
 
 # What `kd tune --method M` tunes when --params is not given. Other KD methods: alpha and every
@@ -71,6 +77,8 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "rkd": ("rkd_distance_weight", "rkd_angle_weight", "alpha"),
     "logit": ("alpha", "temperature"),
     "dkd": ("dkd_alpha", "dkd_beta", "alpha"),
+    "crd": ("crd_weight", "crd_nce_temperature", "alpha"),
+    "mlkd": ("mlkd_weight", "mlkd_strong_ce_weight", "alpha"),
     "pure": ("lr", "weight_decay"),
 }
 
