@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kd.cluster.estimate import save_measurement
 from kd.data.base import ImageData
 from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
@@ -242,4 +243,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
+    print(f"kept as this device's measurement for kd submit --dry-run's estimates: {save_measurement(summary)}")
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunTag
 
+from kd.cluster.estimate import TO_TRAIN, gpu_hours_line
 from kd.cluster.grids import Grid
 from kd.cluster.planner import (
     SKIP_FINISHED,
@@ -102,6 +103,12 @@ def ready_to_submit(sched: Scheduler) -> None:
     check_writable()
 
 
+def left_to_train(p: Plan) -> list[tuple[RunSpec, int]]:
+    """(spec, epochs done) of every run of the plan that is not finished, failed or running."""
+    return [(item.spec, int(item.run.data.tags.get(T.EPOCH, "0")) if item.run else 0)
+            for item in p.items if item.action in TO_TRAIN]
+
+
 def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int, pack: int = 1,
                 dry_run: bool = False, retry_failed: bool = False) -> Plan:
     """Print the plan, then (unless dry_run) submit its jobs."""
@@ -122,6 +129,8 @@ def submit_grid(grid: Grid, scheduler: str, *, experiment: str, max_queued: int,
         p = plan(grid.specs, seen, max_queued=max_queued, pack=pack, retry_failed=retry_failed)
         mode = "dry run, nothing submitted" if dry_run else f"scheduler {scheduler}"
         print(p.format(f"grid {grid.name} -> experiment {experiment} ({mode})"), flush=True)
+        if dry_run and (hours := gpu_hours_line(left_to_train(p))):
+            print(hours, flush=True)
         if not dry_run:
             for job in p.jobs:
                 submit_job(client, sched, settings, job, grid.name, experiment)
@@ -139,10 +148,10 @@ def prepare_journal(client: MlflowClient, spec: RunSpec, run_id: str, folder: Pa
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(spec.to_dict(), indent=2))
     if spec.teacher and not spec.teacher_weights and not (folder / "teacher.json").exists():
-        path, source, teacher_run = resolve_teacher(client, spec, folder / "download")
-        shutil.copyfile(path, folder / "teacher.pth")
+        found = resolve_teacher(client, spec, folder / "download")
+        shutil.copyfile(found.path, folder / "teacher.pth")
         shutil.rmtree(folder / "download", ignore_errors=True)
-        (folder / "teacher.json").write_text(json.dumps({"source": source, "run_id": teacher_run}))
+        (folder / "teacher.json").write_text(json.dumps(found.to_json()))
 
 
 def submit_job(client: MlflowClient, sched: Scheduler, settings: JobSettings, job: list[Item], grid: str,

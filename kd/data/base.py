@@ -40,6 +40,7 @@ class DatasetInfo:
     crop_padding: int  # random-crop padding of the training augmentation
     flip: bool  # horizontal flips (off for digit datasets, where they change the class)
     description: str
+    train_images: int = 0  # the training split's size, for estimates before any data is loaded (0: unknown)
 
 
 DATASETS: dict[str, DatasetInfo] = {}

@@ -107,5 +107,6 @@ for _name, _layout in LAYOUTS.items():
             crop_padding=4,
             flip=True,
             description=_layout.description,
+            train_images=50_000,
         )
     )

@@ -103,5 +103,6 @@ register_dataset(
         crop_padding=4,
         flip=True,
         description="Fashion-MNIST, 28x28 grayscale, 60000 train / 10000 test, 10 classes",
+        train_images=60000,
     )
 )

@@ -57,5 +57,6 @@ register_dataset(
         crop_padding=4,
         flip=False,
         description="SVHN cropped digits, 32x32 RGB, 73257 train / 10000 test (extra unused), 10 classes",
+        train_images=73257,
     )
 )

@@ -171,5 +171,6 @@ register_dataset(
         crop_padding=4,
         flip=True,
         description="Tiny ImageNet, 64x64 RGB, 100000 train / 10000 val (as test), 200 classes",
+        train_images=100000,
     )
 )
