@@ -14,6 +14,10 @@ the batch median, the class term by the share of classes whose summed teacher pr
 below the classes' median (the code multiplies the batch-averaged losses by the 0/1 mask and then
 averages it). The strong view (a second, strongly augmented view of each image; the data path
 draws it, kd/data/augment.py) enters the instance term unmasked and its own cross-entropy.
+
+`mlkd_standardize` z-scores the logits of the instance terms (logit standardisation,
+kd/methods/logit.py), as Sun et al. 2024's code does for MLKD; the batch and class terms and the
+confidence shares keep the raw logits there too.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 
 from kd.methods.base import STRONG_VIEW, Features, Method, register_method
 from kd.methods.features import fp32
+from kd.methods.logit import standardized
 
 EXTRA_TEMPERATURES = (2.0, 3.0, 5.0, 6.0)  # beside the shared temperature: the authors' five
 
@@ -73,13 +78,15 @@ def confidence_shares(teacher: Tensor) -> tuple[Tensor, Tensor]:
 @fp32
 def mlkd_losses(
     student: Tensor, teacher: Tensor, student_strong: Tensor, teacher_strong: Tensor,
-    temperatures: tuple[float, ...],
+    temperatures: tuple[float, ...], standardize: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(instance, batch, class) terms, unweighted, each summed over `temperatures`."""
+    """(instance, batch, class) terms, unweighted, each summed over `temperatures`; `standardize`:
+    the instance terms compare z-scored logits."""
     teacher, teacher_strong = teacher.detach(), teacher_strong.detach()
     sample_share, class_share = confidence_shares(teacher)
-    instance = sum(sample_share * instance_kl(student, teacher, t).mean()
-                   + instance_kl(student_strong, teacher_strong, t).mean() for t in temperatures)
+    weak, strong = ((standardized(a), standardized(b)) if standardize else (a, b)
+                    for a, b in ((student, teacher), (student_strong, teacher_strong)))
+    instance = sum(sample_share * instance_kl(*weak, t).mean() + instance_kl(*strong, t).mean() for t in temperatures)
     batch = sum(sample_share * batch_alignment(student, teacher, t) for t in temperatures)
     classes = sum(class_share * class_alignment(student, teacher, t) for t in temperatures)
     return instance, batch, classes
@@ -94,16 +101,19 @@ class MLKD(Method):
         "mlkd_weight": (1.0, "weight of the instance, batch and class terms (the authors' 0.9 is alpha 0.9 here)"),
         "mlkd_strong_ce_weight": (0.111, "weight of the strong view's cross-entropy (the authors' 0.1 at "
                                          "alpha 0.9: 0.1 / 0.9)"),
+        "mlkd_standardize": (False, "z-score the instance terms' logits (Sun et al. 2024; published with "
+                                    "--temperature 2, mlkd_weight 10)"),
     }
     inputs = frozenset({STRONG_VIEW})
     mlkd_weight: float
     mlkd_strong_ce_weight: float
+    mlkd_standardize: bool
 
     def forward(self, student: Features, teacher: Features, targets: Tensor, epoch: int, *,
                 student_strong: Features, teacher_strong: Features) -> dict[str, Tensor]:
         temperatures = (self.temperature, *EXTRA_TEMPERATURES)
         instance, batch, classes = mlkd_losses(student[-1], teacher[-1], student_strong[-1], teacher_strong[-1],
-                                               temperatures)
+                                               temperatures, self.mlkd_standardize)
         strong_ce = F.cross_entropy(student_strong[-1].float(), targets)
         return {
             "loss_mlkd_instance": self.mlkd_weight * instance,
