@@ -47,17 +47,20 @@ def test_a_run_pinned_to_one_cpu_trains_with_one_thread(store: str) -> None:
     assert run.data.tags["kd.cpu_threads"] == "1"
 
 
-def telemetry_in_a_job_process(**env: str) -> list[str]:
-    quiet = {k: v for k, v in os.environ.items()
-             if k not in ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+def mlflow_settings_in_a_job_process(**env: str) -> list[str]:
+    quiet = {k: v for k, v in os.environ.items() if k not in (
+        "PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")}
     probe = ("import kd.engine.job\nfrom mlflow.telemetry.utils import is_telemetry_disabled\n"
-             "print(is_telemetry_disabled())")
+             "from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT as quiet\n"
+             "print(is_telemetry_disabled(), quiet.get())")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           env={**quiet, **env})
     return done.stdout.split() or [done.stderr]
 
 
-def test_mlflow_telemetry_is_off_in_a_job_process_unless_the_user_turns_it_on() -> None:
-    """MLflow's telemetry thread, offline, deletes an environment variable kd's requests read."""
-    assert telemetry_in_a_job_process() == ["True"]
-    assert telemetry_in_a_job_process(MLFLOW_DISABLE_TELEMETRY="false") == ["False"]
+def test_mlflow_telemetry_and_run_links_are_off_in_a_job_process_unless_the_user_turns_them_on() -> None:
+    """MLflow's telemetry thread, offline, deletes an environment variable kd's requests read; its
+    "View run" lines broke the progress bar."""
+    assert mlflow_settings_in_a_job_process() == ["True", "True"]
+    assert mlflow_settings_in_a_job_process(MLFLOW_DISABLE_TELEMETRY="false",
+                                      MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="false") == ["False", "False"]
