@@ -294,6 +294,11 @@ class RunSpec:
         models = f"{self.teacher}-to-{self.model}" if self.teacher else self.model
         return f"{label}-a{self.alpha:g}-s{self.seed}-{self.dataset}-{models}"
 
+    def pack_value(self, name: str) -> Any:
+        """A PACK_FIELDS value students of one pack compare (a teacher_recipe as its canonical JSON)."""
+        value = getattr(self, name)
+        return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
     def loss_weights(self) -> tuple[float, float]:
         """(CE weight, distillation weight): `loss_total = ce * loss_ce + distill * loss_distill`."""
         return (1.0 - self.alpha if self.ce_weight is None else self.ce_weight), self.alpha

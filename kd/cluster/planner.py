@@ -131,7 +131,7 @@ def pack_key(spec: RunSpec) -> tuple:
     """Students that can share one job (`kd job --run-id A --run-id B`); a teacher trains alone."""
     if spec.role == "teacher":
         return ("teacher", spec.key())
-    return tuple(getattr(spec, name) for name in PACK_FIELDS)
+    return tuple(spec.pack_value(name) for name in PACK_FIELDS)
 
 
 def plan(specs: list[RunSpec] | tuple[RunSpec, ...], seen: Observed, *, max_queued: int, pack: int = 1,

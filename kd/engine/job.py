@@ -70,8 +70,8 @@ class Outcome:
 def check_pack(specs: list[RunSpec]) -> None:
     """Packed students share one batch stream and at most one teacher (pure students ignore it)."""
     for name in PACK_FIELDS:
-        values = {getattr(s, name) for s in specs}
-        if name in ("teacher", "teacher_weights"):
+        values = {s.pack_value(name) for s in specs}
+        if name in ("teacher", "teacher_weights", "teacher_recipe"):
             values.discard(None)
         if len(values) > 1:
             raise SpecError(f"packed students must share {name} (got {sorted(map(str, values))}): split the pack")
@@ -207,7 +207,7 @@ def run_specs(
         teacher, found = pack_teacher(taught, specs, data, dev, client, tmp, experiment, journal_runs)
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
-        shape = model_shape(data.num_classes, data.in_channels, data.image_size)
+        shape = model_shape(first.dataset, data.mean, data.std, data.test.images)
         provenance = provenance_tags(dev)
         if should_stop():  # a SIGTERM while all that loaded: no run to create only to mark it KILLED
             raise StoppedBeforeRun("it arrived before training began")
