@@ -70,14 +70,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_runs: list[Path] | None = None) -> int:
     from kd.engine.job import run_specs
+    from kd.tracking.presentation import point_to_spec_run
     from kd.tracking.registry import register_if_missing
     from kd.tracking.runs import AlreadyFinished
-    from kd.tracking.store import experiment_id, get_client, ui_hint
+    from kd.tracking.store import MLFLOW_DEFAULT_EXPERIMENT, experiment_id, get_client, ui_hint
 
     if args.data_root:
         os.environ["KD_DATA_ROOT"] = args.data_root
     attach = os.environ.get("MLFLOW_RUN_ID")
     experiment = attached_experiment(attach) if attach else args.experiment
+    launcher = attach if experiment == MLFLOW_DEFAULT_EXPERIMENT else None  # `mlflow run` without --experiment-name
+    if launcher:  # the spec's run lives in kd's experiment; MLflow's run there only points to it
+        attach, experiment = None, args.experiment
     try:
         outcomes = run_specs(specs, experiment=experiment, options=RunOptions.from_values(args), force=args.force,
                              attach_run_id=attach,
@@ -85,10 +89,14 @@ def train_and_report(specs: list[RunSpec], args: argparse.Namespace, journal_run
                              journal_runs=journal_runs, **sync_timeout(args))
     except AlreadyFinished as done:
         print(done)
+        if launcher and done.run:
+            point_to_spec_run(get_client(), launcher, done.run.info.run_id)
         repaired = register_if_missing(get_client(), done.run, done.spec) if done.run else None
         if repaired:
             print(f"registered {repaired}: the run had finished without its registry entry")
         return 0
+    if launcher:
+        point_to_spec_run(get_client(), launcher, outcomes[0].run_id)
     for o in outcomes:
         print(f"{o.spec.name()}: FINISHED run {o.run_id}, best test acc {o.best_acc:.2f} %, final {o.final_acc:.2f} %"
               + (f", registered {o.registered}" if o.registered else "")

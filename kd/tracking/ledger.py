@@ -24,6 +24,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 
+from kd.tracking import tags as T
+from kd.tracking.store import TRAINING_KIND
+
 LEDGER_EXPERIMENT = "kd-ledger"
 LEDGER_TAG = "kd.ledger"
 WAIT_S = 30.0
@@ -40,9 +43,10 @@ PROCESS = owner_id()  # this process as one claimant (a retry of its own claim i
 def ledger_run(client: MlflowClient) -> str:
     """The store's one ledger run, created once by the process that created its experiment."""
     try:
-        experiment = client.create_experiment(LEDGER_EXPERIMENT, tags={"mlflow.note.content": (
-            "kd's claim ledger: which run is each spec's, who trains it, who registers it (one param per claim). "
-            "Keep it: deleting it lets two processes train the same spec.")})
+        experiment = client.create_experiment(LEDGER_EXPERIMENT, tags={T.EXPERIMENT_KIND: TRAINING_KIND, T.NOTE: (
+            "kd's claims, not training runs: its one run `claims` holds a param per claim: which run is each spec's "
+            "(`<experiment id>/<spec key>/<attempt>`), who trains it (`<run id>/lease/<n>`), who registers a teacher "
+            "(`<run id>/register/<n>`). Keep it: deleting it lets two processes train the same spec.")})
         run = client.create_run(experiment, run_name="claims", tags={LEDGER_TAG: "1"})
         client.set_terminated(run.info.run_id, "FINISHED")  # not a training: it takes params all the same
         return run.info.run_id

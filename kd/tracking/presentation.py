@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from kd.spec import RunSpec
 from kd.tracking import tags as T
+from kd.tracking.store import TRAINING_VIEW
 
 # Summary metrics hold one value per run. MLflow's charts draw a metric whose every run has a
 # single point as a bar per run (a comparison across runs); at step = last epoch a run's value
@@ -98,13 +99,22 @@ def provenance_tags(device: torch.device) -> dict[str, str]:
 
 
 def run_link(client: MlflowClient, run_id: str) -> str:
-    """A markdown link to a run's page (relative: it works on any host serving the UI)."""
+    """A markdown link to a run's page (relative: it works on any host serving the UI), in the
+    model-training view (MLflow 3.17 takes a page's view from its URL, else the browser's last choice)."""
     run = client.get_run(run_id)
-    return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+    return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run_id}?{TRAINING_VIEW})"
+
+
+def point_to_spec_run(client: MlflowClient, launcher: str, run_id: str) -> None:
+    """The run `mlflow run` made in MLflow's Default experiment says where its spec's run is (kd's
+    experiment): it has no `kd.key`, so no query counts it, and its description links the run."""
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    note = f"Launched by `mlflow run`: kd trains this spec in {run_link(client, run_id)} of experiment '{experiment}'."
+    client.log_batch(launcher, tags=[RunTag(T.RESUMED_IN, run_id), RunTag(T.NOTE, note)])
 
 
 def version_link(name: str, version: str) -> str:
-    return f"[{name} v{version}](#/models/{name}/versions/{version})"
+    return f"[{name} v{version}](#/models/{name}/versions/{version}?{TRAINING_VIEW})"
 
 
 def teacher_version(client: MlflowClient, run_id: str) -> tuple[str, str] | None:

@@ -24,12 +24,18 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kd.data import DATASETS
+from kd.data import load_dataset
 from kd.errors import SpecError
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.ledger import PROCESS, Ledger
-from kd.tracking.logged_models import log_trained_model, model_shape, run_model_id
+from kd.tracking.logged_models import (
+    log_trained_model,
+    model_description,
+    model_shape,
+    note_registered_version,
+    run_model_id,
+)
 from kd.tracking.presentation import describe_run
 from kd.tracking.runs import read_config
 
@@ -91,12 +97,14 @@ def register_teacher(client: MlflowClient, run_id: str, spec: RunSpec, test_acc:
         if ledger.claim(f"{prefix}/{generation}", value := f"{PROCESS}@{time.time():.0f}") != value:
             return None
     try:
-        client.create_registered_model(name, description=f"kd teachers: {spec.model} on {spec.dataset}")
+        client.create_registered_model(name, description=model_description(client, model_id))
     except MlflowException:  # it exists already
         pass
     tags = {"dataset": spec.dataset, "model": spec.model, "seed": str(spec.seed), "test_acc": f"{test_acc:.2f}",
             T.KEY: spec.key(), T.RECIPE: spec.recipe(), "recipe": recipe_note(spec)}
-    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id,
+                                          description=model_description(client, model_id))
+    note_registered_version(client, model_id, name, version.version)  # the logged model's page links the version
     client.set_registered_model_alias(name, alias(spec), version.version)
     ledger.claim(f"{prefix}/{generation}/done", str(version.version))
     return f"{name}@{alias(spec)} (version {version.version})"
@@ -119,11 +127,11 @@ def register_if_missing(client: MlflowClient, run: Run, spec: RunSpec) -> str | 
         return None
     model_id = run_model_id(client, run.info.run_id)
     if model_id is None:  # killed before its model was logged
-        info = DATASETS[spec.dataset]
+        data = load_dataset(spec.dataset)  # its mean, std and test images make the model usable without kd
         with tempfile.TemporaryDirectory(prefix="kd-") as tmp:
             weights = client.download_artifacts(run.info.run_id, "best.pth", tmp)
             model_id = log_trained_model(client, run.info.run_id, spec.to_dict(), weights,
-                                         model_shape(info.num_classes, info.channels, info.image_size))
+                                         model_shape(spec.dataset, data.mean, data.std, data.test_images))
     registered = register_teacher(client, run.info.run_id, spec, run.data.metrics.get("best_test_acc", float("nan")),
                                   model_id)
     if registered:
@@ -143,10 +151,12 @@ def registered_teachers(client: MlflowClient, dataset: str, model: str, seed: in
 
 
 def versions(client: MlflowClient, dataset: str, model: str, condition: str) -> list[ModelVersion]:
+    """The versions of `{dataset}-{model}` that meet `condition`, with their aliases (a search leaves them out)."""
     try:
-        return client.search_model_versions(f"name = '{registered_name(dataset, model)}' and {condition}")
+        found = client.search_model_versions(f"name = '{registered_name(dataset, model)}' and {condition}")
     except MlflowException:  # no such registered model yet
         return []
+    return [client.get_model_version(v.name, v.version) for v in found]
 
 
 def chosen_teacher(client: MlflowClient, dataset: str, model: str, version_or_alias: str) -> RunSpec:

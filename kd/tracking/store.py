@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import sqlite3
@@ -20,12 +21,23 @@ from kd.tracking import tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kd"
+MLFLOW_DEFAULT_EXPERIMENT = "Default"  # where `mlflow run` without --experiment-name puts its run: not kd's home
 JOURNAL_ONLY_URI = "journal-only"  # what a journal-only job's MLFLOW_TRACKING_URI says: no store to open
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # MLflow 3 opens an experiment in its GenAI view (traces, prompts) unless told otherwise: the
 # query selects the model-training view, the experiment tag makes it the experiment's default.
 TRAINING_VIEW = "workflowType=machine_learning"
 TRAINING_KIND = "custom_model_development"
+# The runs table as a researcher opens it: MLflow loads a view shared under key K from the experiment
+# tag `mlflow.sharedViewState.K` (plain JSON: its search facets and column state) when the URL says
+# `viewStateShareKey=K`. kd's view: best test accuracy first, then what decides it.
+RUNS_VIEW_KEY = "kd-runs"
+RUNS_VIEW = {
+    "orderByKey": "metrics.`best_test_acc`", "orderByAsc": False,
+    "selectedColumns": ["metrics.`best_test_acc`", "metrics.`final_test_acc`", "params.`method`", "params.`alpha`",
+                        "params.`seed`", "params.`model`", "params.`teacher`", "attributes.`Models`"],
+}
+EXPERIMENT_TAGS = {tags.EXPERIMENT_KIND: TRAINING_KIND, tags.SHARED_VIEW + RUNS_VIEW_KEY: json.dumps(RUNS_VIEW)}
 
 
 def tracking_uri() -> str:
@@ -217,6 +229,9 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
     """Get or create the experiment; with a sqlite store, artifacts go beside the database."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before kd set them (or by hand)
+            if key not in found.tags:
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
     uri = tracking_uri()
@@ -224,7 +239,7 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
         location = (sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location,
-                                        tags={tags.EXPERIMENT_KIND: TRAINING_KIND})
+                                        tags=EXPERIMENT_TAGS)
     except Exception:  # another process created it first
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -233,8 +248,8 @@ def experiment_id(client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
 
 
 def runs_url(base: str, exp_id: str) -> str:
-    """The experiment's runs table in MLflow's model-training view."""
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}"
+    """The experiment's runs table in MLflow's model-training view, with kd's columns and order."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}&viewStateShareKey={RUNS_VIEW_KEY}"
 
 
 def ui_hint(exp_id: str) -> str:

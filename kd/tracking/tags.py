@@ -82,3 +82,5 @@ SOURCE_TYPE = "mlflow.source.type"
 GIT_COMMIT = "mlflow.source.git.commit"
 USER = "mlflow.user"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # an experiment tag: which workflow the UI opens it in
+SHARED_VIEW = "mlflow.sharedViewState."  # an experiment tag prefix: a runs-table view the UI opens by its key
+MODEL_VERSIONS = "mlflow.modelVersions"  # a logged model's tag: its registered versions, as MLflow's UI reads them
