@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,11 +140,13 @@ def hub_unreachable() -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     endpoint = urlsplit(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)  # behind a proxy, the proxy is what must answer
+    asked = urlsplit(proxy) if proxy else endpoint
+    port = asked.port or (443 if asked.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+        socket.create_connection((asked.hostname, port), timeout=HUB_PROBE_S).close()
     except OSError as err:
-        return f"{constants.ENDPOINT} does not answer ({err.strerror or err})"
+        return f"{proxy or constants.ENDPOINT} does not answer ({err.strerror or err})"
     return None
 
 
