@@ -392,19 +392,19 @@ def test_bad_input_found_with_the_data_is_one_line_and_no_run(store, tmp_path, m
     assert all_runs() == []
 
 
-def test_offline_timm_weights_are_one_line_in_seconds(store, tmp_path, monkeypatch, capsys):
+def test_offline_timm_weights_are_one_line_before_timm_asks_the_hub(store, tmp_path, monkeypatch, capsys):
+    """The hub is probed once before timm's download, whose retries print dozens of warnings."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    start = time.monotonic()
     line = refused(capsys, "train", "--model", "ViTTiny224", "--init-weights", "timm", *DIGITS_FAST, "--epochs", "1",
                    "--tracking", "journal", "--journal-dir", str(tmp_path / "journals"))
     assert line.startswith("kd: cannot fetch timm's vit_tiny_patch16_224.augreg_in21k_ft_in1k: http://127.0.0.1:9 "
                            "does not answer (Connection refused) and the hub cache lacks it: on an offline machine "
                            "pass --teacher-weights FILE"), line
-    assert time.monotonic() - start < 30 and not list(tmp_path.glob("journals/*"))  # no run's folder
+    assert not list(tmp_path.glob("journals/*"))  # no run's folder
 
 
 @pytest.mark.parametrize("argv", [("distill", "--epochs", "abc"), ("distill", "--no-such-option", "1")])
