@@ -264,12 +264,7 @@ class RunTracker:
                 raise busy(spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
             if latest is not None and latest.info.status != "FINISHED" and not force:
                 run_id, resume = latest.info.run_id, True
-                folder = journal_root / run_id
-                if folder.is_dir():
-                    set_aside_if_taken_over(ledger, folder)
-                if folder.is_dir() and local_state(folder)["status"] == "FINISHED":  # ended while the store was away
-                    raise AlreadyFinished(f"spec {spec.key()} already trained in run {run_id}: FINISHED in its journal "
-                                          f"{folder}, not yet in the store: `kd sync` ships it", latest, spec)
+                resume_folder(ledger, spec, latest, journal_root / run_id)
                 if attach_run_id and attach_run_id != run_id:
                     client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
                 break
@@ -277,13 +272,7 @@ class RunTracker:
             attempt, holder = claim_creation(ledger, exp, spec, len(made) + 1, attach_run_id or owner)
             if holder in (attach_run_id, owner):
                 tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if attempt > 1 else {})}
-                if attach_run_id:
-                    run_id = attach_run_id
-                    write_spec(client, run_id, spec, tags, logged=client.get_run(run_id).data.params)
-                else:
-                    run_id = client.create_run(exp, run_name=spec.name()).info.run_id
-                    write_spec(client, run_id, spec, tags)
-                resume = False
+                run_id, resume = make_spec_run(client, exp, spec, tags, attach_run_id), False
                 break
             if time.monotonic() > deadline:  # the winner died between its claim and its run
                 raise busy(spec, holder, "(not created yet)")
@@ -405,15 +394,31 @@ def taken_over(ledger: Callable[[], Ledger], folder: Path, records: list[dict[st
     return TakenOver(folder, count, generation, latest, holders[latest]) if latest > generation else None
 
 
-def set_aside_if_taken_over(ledger: Ledger, folder: Path) -> None:
-    """A journal folder whose lease another process took over since (it resumed the run from the store,
-    elsewhere) is not resumed here: it is moved to `set-aside/`, and the run resumes from the store."""
+def resume_folder(ledger: Ledger, spec: RunSpec, run: Run, folder: Path) -> None:
+    """Before `run` resumes with this journal folder: a folder whose lease another process took over
+    since (it resumed the run from the store, elsewhere) is moved to `set-aside/` and the run resumes
+    from the store; a folder whose run FINISHED while the store was away is not trained again."""
+    if not folder.is_dir():
+        return
     records = read_records(folder / JOURNAL)
     fenced = taken_over(lambda: ledger, folder, records, len(pending(folder, records)))
     if fenced:
         kept = set_aside(folder, fenced.generation)
         print(f"kd: set aside {kept} ({fenced.count} record(s) not shipped): {fenced.why}; resuming from the store",
               file=sys.stderr, flush=True)
+    elif local_state(folder)["status"] == "FINISHED":
+        raise AlreadyFinished(f"spec {spec.key()} already trained in run {run.info.run_id}: FINISHED in its journal "
+                              f"{folder}, not yet in the store: `kd sync` ships it", run, spec)
+
+
+def make_spec_run(client: MlflowClient, exp: str, spec: RunSpec, tags: dict[str, str], attach_run_id: str | None) -> str:
+    """The spec's new run, once its creation is claimed: the run `mlflow run` made, or a new one."""
+    if attach_run_id:
+        write_spec(client, attach_run_id, spec, tags, logged=client.get_run(attach_run_id).data.params)
+        return attach_run_id
+    run_id = client.create_run(exp, run_name=spec.name()).info.run_id
+    write_spec(client, run_id, spec, tags)
+    return run_id
 
 
 def local_run_folder(root: Path, spec: RunSpec, experiment: str, force: bool = False) -> Path:
