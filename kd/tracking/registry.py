@@ -222,7 +222,7 @@ class FoundTeacher:
         found = {T.TEACHER_SOURCE: self.source, T.TEACHER_SHA256: hashlib.sha256(self.path.read_bytes()).hexdigest()}
         for tag, value in ((T.TEACHER_RUN, self.run_id), (T.TEACHER_VERSION, self.version), (T.TEACHER_KEY, self.key)):
             if value:
-                found[tag] = value
+                found[tag] = str(value)  # MLflow refuses a non-string tag (a version may be an int)
         return found
 
     def to_json(self) -> dict[str, str | None]:
