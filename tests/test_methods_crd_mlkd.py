@@ -14,7 +14,9 @@ from mlflow import MlflowClient
 
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
-from kd.engine.job import run_specs
+from kd.engine import fast
+from kd.engine.job import build_parts, new_student, run_specs
+from kd.engine.trainer import Precision, Trainer
 from kd.methods import build_method
 from kd.methods.base import INDEX, STRONG_VIEW
 from kd.methods.crd import contrast_scores, momentum_update, nce_loss
@@ -26,9 +28,11 @@ from kd.methods.mlkd import (
     median,
     mlkd_losses,
 )
+from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 from tests.conftest import CPU, run_kd
 from tests.test_crash_safety import history, runs_of
+from tests.test_fast import Uncaptured, assert_same_training
 
 SHAPES = [torch.Size(s) for s in [(4, 4, 4), (8, 2, 2), (10,)]]  # two small stages and 10 logits
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])  # a ten-sample training set
@@ -216,22 +220,44 @@ def test_extra_inputs_are_deterministic_and_change_no_batch():
     assert torch.equal(torch.cat([b[2][INDEX] for b in full]).sort().values, torch.arange(200))
 
 
+def test_the_graphed_step_hands_the_extras_as_the_eager_step_does():
+    """A CRD and an MLKD student through the graphed trainer (3 warm-ups, a capture, replays from the
+    static buffers; the CPU stand-in replays the captured body) train exactly as eagerly."""
+    cpu = torch.device("cpu")
+    specs = [RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method=method, batch_size=16,
+                            train_limit=80, options=options)
+             for method, options in [("crd", {"crd_negatives": 32}), ("mlkd", {})]]
+    data = DeviceData(load_dataset("digits"), "digits", cpu, 0, train_limit=80)  # 5 full batches
+    teacher, amp = create_model("ResNet8", 10, 1, 8).eval().requires_grad_(False), Precision.for_device(cpu)
+    packs = [[new_student(spec, *build_parts(spec, data, cpu)[:2], amp, graphed=True) for spec in specs]
+             for _ in range(2)]
+    graphed = fast.GraphedTrainer(packs[0], data, teacher=teacher, precision=amp, progress=False,
+                                  graphs=Uncaptured())
+    eager = Trainer(packs[1], data, teacher=teacher, precision=amp, progress=False)
+    for trainer, students in zip((graphed, eager), packs, strict=True):
+        trainer.train_epoch(1, students)
+    assert graphed.graphs.captures == 1 and set(graphed.static_extras) == {INDEX, STRONG_VIEW}
+    for a, b in zip(*packs, strict=True):
+        assert_same_training(a, b)
+        assert all(torch.equal(a.method.state_dict()[k], v) for k, v in b.method.state_dict().items())
+
+
 # ---------------------------------------------------------------- training
 
 
-CRD_DIGITS = dict(dataset="digits", model="ResNet8", teacher="ResNet8", method="crd", alpha=0.5, epochs=3,
-                  batch_size=64, train_limit=640, options={"crd_negatives": 256})
-
-
 def test_crd_resumes_after_kill_9_with_identical_history_and_memory(store, tmp_path):
-    run_specs([RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=2, batch_size=64)],
-              options=CPU, progress=False)
-    spec = RunSpec.create(**CRD_DIGITS)
+    """Killed in epoch 2 (after epoch 1's checkpoint), resumed in the same experiment: every logged
+    value and the final memory banks equal an uninterrupted run's (an untrained teacher will do)."""
+    weights = tmp_path / "teacher.pth"
+    torch.save({"weights": create_model("ResNet8", 10, 1, 8).state_dict()}, weights)
+    spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", teacher_weights=str(weights),
+                          method="crd", alpha=0.5, epochs=3, batch_size=64, train_limit=320,
+                          options={"crd_negatives": 128})
     run_specs([spec], options=CPU, experiment="reference", progress=False)
-    argv = ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--student", "ResNet8", "--method", "crd",
-            "--alpha", "0.5", "--epochs", "3", "--batch-size", "64", "--train-limit", "640",
-            "--crd-negatives", "256", "--device", "cpu", "--experiment", "crashed")
-    crashed = run_kd(*argv, env={"KD_CRASH_AT": "step:15"})  # in epoch 2, after epoch 1's checkpoint
+    argv = ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--teacher-weights", str(weights),
+            "--student", "ResNet8", "--method", "crd", "--alpha", "0.5", "--epochs", "3", "--batch-size", "64",
+            "--train-limit", "320", "--crd-negatives", "128", "--device", "cpu", "--experiment", "crashed")
+    crashed = run_kd(*argv, env={"KD_CRASH_AT": "step:8"})  # 5 steps an epoch: killed in epoch 2
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     run_specs([spec], options=CPU, experiment="crashed", progress=False)
     (run,), (ref,) = runs_of("crashed"), runs_of("reference")
@@ -241,17 +267,20 @@ def test_crd_resumes_after_kill_9_with_identical_history_and_memory(store, tmp_p
     states = [torch.load(MlflowClient().download_artifacts(r.info.run_id, "checkpoint/checkpoint.pth",
                                                            str(tmp_path / r.info.run_id)), weights_only=True)
               for r in (run, ref)]
-    assert all(torch.equal(states[0]["method"][k], states[1]["method"][k]) for k in states[1]["method"])
+    assert int(states[0]["method"]["draws"]) == 15  # the resumed run's step count went on from the checkpoint
+    assert all(torch.equal(states[0]["method"][k], v) for k, v in states[1]["method"].items())
 
 
 def test_crd_and_mlkd_distil_on_digits(store):
-    common = dict(dataset="digits", epochs=4, batch_size=64)
-    [teacher] = run_specs([RunSpec.create(model="ResNet20", role="teacher", **common)], options=CPU, progress=False)
+    """ResNet20 -> ResNet8, 4 epochs on 640 digits, each with its default (published) weights."""
+    common = dict(dataset="digits", epochs=4, batch_size=64, train_limit=640)
+    run_specs([RunSpec.create(model="ResNet20", role="teacher", **common)], options=CPU, progress=False)
     students = [RunSpec.create(model="ResNet8", teacher="ResNet20", method="crd", alpha=0.5,
                                options={"crd_negatives": 512}, **common),
-                RunSpec.create(model="ResNet8", teacher="ResNet20", method="mlkd", alpha=0.5, **common)]
+                RunSpec.create(model="ResNet8", teacher="ResNet20", method="mlkd", alpha=0.9, **common)]
+    terms = {"crd": ["loss_crd"], "mlkd": ["loss_mlkd_instance", "loss_mlkd_batch", "loss_mlkd_class"]}
     for outcome in run_specs(students, options=CPU, progress=False):
-        assert outcome.best_acc > 60.0, f"{outcome.spec.method} reached only {outcome.best_acc:.1f} %"
-        terms = {"crd": ["loss_crd"], "mlkd": ["loss_mlkd_instance", "loss_mlkd_batch", "loss_mlkd_class"]}
+        print(f"{outcome.spec.method}: best {outcome.best_acc:.1f} %, final {outcome.final_acc:.1f} %")
+        assert outcome.best_acc > 40.0, f"{outcome.spec.method} reached only {outcome.best_acc:.1f} % (chance: 10 %)"
         for key in terms[outcome.spec.method]:
             assert [s for s, v in history(outcome.run_id, key) if math.isfinite(v)] == [1, 2, 3, 4], key
