@@ -56,6 +56,8 @@ def test_registered_teachers_serve_users_without_kd_and_mlflow_run_meets_kd_in_o
     assert launcher.data.tags[T.RESUMED_IN] == run.info.run_id and T.KEY not in launcher.data.tags
     assert f"#/experiments/{exp}/runs/{run.info.run_id}?workflowType=machine_learning" in launcher.data.tags[T.NOTE]
     assert f"{run.info.run_name} " in run_kd("status").stdout
+    [student_model] = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert student_model.name == run.info.run_name.replace(".", "_")  # MLflow allows no '.' in a model's name
 
     # the registered version is the run's pt2 logged model, linked both ways, usable without kd or pickle
     version = registered_teacher("digits-ResNet8")

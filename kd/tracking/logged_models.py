@@ -17,6 +17,7 @@ after training, in another process.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def build(spec: RunSpec, weights: Path, shape: dict[str, Any]) -> Classifier:
     return Classifier(net, shape["mean"], shape["std"]).eval()
 
 
+def model_name(spec: RunSpec) -> str:
+    """The run's name as MLflow allows a model's (no '.', '/', ':', '%', quotes): `a0.25` -> `a0_25`."""
+    return re.sub(r"[./:%\"']", "_", spec.name())
+
+
 def model_card(spec: RunSpec, shape: dict[str, Any]) -> str:
     """How to use the model without kd: input format, normalisation, output, class names."""
     size = f"(N, {shape['in_channels']}, {shape['image_size']}, {shape['image_size']})"
@@ -101,7 +107,7 @@ def log_trained_model(client: MlflowClient, run_id: str, spec: dict[str, Any], w
     model = build(run_spec, Path(weights), shape)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
-        run.info.experiment_id, name=run_spec.name(), source_run_id=run_id, params=run_spec.params(),
+        run.info.experiment_id, name=model_name(run_spec), source_run_id=run_id, params=run_spec.params(),
         tags={T.ROLE: run_spec.role, T.DATASET: run_spec.dataset, T.NOTE: model_card(run_spec, shape)},
         model_type="pytorch",
     )
@@ -109,7 +115,7 @@ def log_trained_model(client: MlflowClient, run_id: str, spec: dict[str, Any], w
     try:  # log_model's helpers read the fluent store: MLFLOW_TRACKING_URI, which get_client set to this
         # client's store. No run_id: MLflow would attach every step-0 metric (system samples too)
         mlflow.pytorch.log_model(
-            model, name=run_spec.name(), model_id=logged.model_id, input_example=example,
+            model, name=model_name(run_spec), model_id=logged.model_id, input_example=example,
             serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=SUMMARY_STEP)])
