@@ -140,11 +140,12 @@ def model_metrics(client: MlflowClient, run: Any, model_id: str) -> list[Metric]
             if m.step == step]
 
 
-def note_registered_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+def note_registered_version(client: MlflowClient, model_id: str, name: str, version: int | str) -> None:
     """Tell the logged model its registered version (tag `mlflow.modelVersions`, what
     `mlflow.register_model` and a tracking server write): MLflow's UI then shows the version on the
-    model's page and in the experiment's Models tab. Idempotent: a server has written it already."""
-    entry = {"name": name, "version": str(version)}
+    model's page and in the experiment's Models tab. Idempotent: a server has written it already (the
+    version as MLflow spells it, an int, so the entries compare equal)."""
+    entry = {"name": name, "version": version}
     known = json.loads(client.get_logged_model(model_id).tags.get(T.MODEL_VERSIONS) or "[]")
     if entry not in known:
         client.set_logged_model_tags(model_id, {T.MODEL_VERSIONS: json.dumps([*known, entry])})
