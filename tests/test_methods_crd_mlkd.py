@@ -272,12 +272,14 @@ def test_crd_resumes_after_kill_9_with_identical_history_and_memory(store, tmp_p
 
 
 def test_crd_and_mlkd_distil_on_digits(store):
-    """ResNet20 -> ResNet8, 4 epochs on 640 digits, each with its default (published) weights."""
+    """ResNet20 -> ResNet8, 4 epochs on 640 digits, each with its default weights. MLKD at alpha 0.5:
+    at the published 0.9 its five-temperature terms (about 20 at first) held it at chance for these
+    40 steps at lr 0.1 (on all 1437 images it reached 80 % after 2 epochs at 0.9)."""
     common = dict(dataset="digits", epochs=4, batch_size=64, train_limit=640)
     run_specs([RunSpec.create(model="ResNet20", role="teacher", **common)], options=CPU, progress=False)
     students = [RunSpec.create(model="ResNet8", teacher="ResNet20", method="crd", alpha=0.5,
                                options={"crd_negatives": 512}, **common),
-                RunSpec.create(model="ResNet8", teacher="ResNet20", method="mlkd", alpha=0.9, **common)]
+                RunSpec.create(model="ResNet8", teacher="ResNet20", method="mlkd", alpha=0.5, **common)]
     terms = {"crd": ["loss_crd"], "mlkd": ["loss_mlkd_instance", "loss_mlkd_batch", "loss_mlkd_class"]}
     for outcome in run_specs(students, options=CPU, progress=False):
         print(f"{outcome.spec.method}: best {outcome.best_acc:.1f} %, final {outcome.final_acc:.1f} %")
