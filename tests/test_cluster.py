@@ -44,7 +44,7 @@ from kd.cluster.server import server_argv
 from kd.cluster.templates import JobSettings
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
-from kd.tracking.registry import teacher_run_id
+from kd.tracking.registry import teacher_uri, teacher_version
 from kd.tracking.runs import create_spec_run
 from kd.tracking.store import get_client
 from tests.conftest import CPU, run_kd
@@ -400,7 +400,7 @@ def test_a_teacher_finished_but_never_registered_is_registered_by_submit_and_by_
     client = MlflowClient()
     for route in ("submit", "train"):
         client.delete_registered_model("digits-ResNet8")  # what the kill leaves: FINISHED, no entry
-        assert teacher_run_id(client, "digits", "ResNet8", 0) is None
+        assert teacher_version(client, teacher) is None
         if route == "submit":
             code, out = kd("submit", "--grid", grid, "--scheduler", "local", "--max-queued", "0")
             assert "wait-for-slot     logit-a0.5-s0-digits-ResNet8-to-ResNet8" in out  # no longer waits for it
@@ -408,8 +408,8 @@ def test_a_teacher_finished_but_never_registered_is_registered_by_submit_and_by_
             code, out = kd("train", "--dataset", "digits", "--model", "ResNet8", "--epochs", "1", "--batch-size",
                            "64", "--train-limit", "256", "--experiment", "rep", "--device", "cpu")
             assert "already trained in run" in out
-        assert code == 0 and "registered digits-ResNet8@seed0 (version 1)" in out
-        assert teacher_run_id(client, "digits", "ResNet8", 0) == trained.run_id
+        assert code == 0 and f"registered {teacher_uri(teacher).removeprefix('models:/')} (version 1)" in out
+        assert teacher_version(client, teacher).run_id == trained.run_id
 
 
 # ----------------------------------------------------------------------------------------- local scheduler

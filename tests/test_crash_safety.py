@@ -21,15 +21,19 @@ from kd.methods.base import METHODS, Method, register_method
 from kd.models import create_model
 from kd.models.weights import load_weights_only
 from kd.spec import RunOptions, RunSpec
+from kd.tracking.registry import alias
 from kd.tracking.runs import AlreadyFinished
 from tests.conftest import CPU, mlflow_run, registered_teacher, run_kd
 
+# The students below train longer than their teacher: they name it (--teacher-version), as a user must.
+TEACHER_SPEC = RunSpec.create(dataset="digits", model="ResNet8", role="teacher", epochs=2, batch_size=64)
+
 
 def student(epochs: int = 4, train_limit: int = 640) -> tuple[str, ...]:
-    """A short KD run (by default 4 epochs of 10 steps), logit KD from a ResNet8 teacher."""
+    """A short KD run (by default 4 epochs of 10 steps), logit KD from the 2-epoch ResNet8 teacher."""
     return ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--student", "ResNet8", "--method", "logit",
             "--alpha", "0.5", "--epochs", str(epochs), "--batch-size", "64", "--train-limit", str(train_limit),
-            "--device", "cpu")
+            "--device", "cpu", "--teacher-version", alias(TEACHER_SPEC))
 
 
 STUDENT = student()
@@ -202,7 +206,8 @@ def test_concurrent_same_spec_is_refused_and_mlflow_run_resumes_the_unfinished_r
     (run,) = runs_of("kd")
     monkeypatch.setenv("KD_CRASH_AT", "metrics_log:1")  # resume, finish one epoch, then die
     done = mlflow_run("distill", dataset="digits", teacher="ResNet8", student="ResNet8", method="logit",
-                      alpha=0.5, epochs=60, batch_size=64, device="cpu", train_limit=1400)
+                      alpha=0.5, epochs=60, batch_size=64, device="cpu", train_limit=1400,
+                      teacher_version=alias(TEACHER_SPEC))
     assert "resuming run " + run.info.run_id in done.stdout, done.stderr[-2000:]
     client = MlflowClient()
     created = client.search_runs([run.info.experiment_id], f"tags.`ops.resumed_in` = '{run.info.run_id}'")
@@ -245,7 +250,7 @@ def test_guard_stops_a_nan_loss_as_failed(teacher, broken_methods):
 
 def test_guard_stops_skipped_fp16_steps_as_failed(teacher, broken_methods):
     spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="infinite_gradient",
-                          epochs=20, batch_size=16)
+                          epochs=20, batch_size=16).taught_by(TEACHER_SPEC)
     with pytest.raises(TrainingDiverged, match=r"100 optimiser steps in a row skipped .* 'infinite_gradient'"):
         run_specs([spec], options=RunOptions(device="cpu", precision="fp16"), progress=False)
     (run,) = runs_of("kd")

@@ -63,6 +63,10 @@ def test_presets_hold_the_plans_recipes() -> None:
                              "init_weights": TIMM_HUB},
         "vit-student": {**adamw, **kd, "model": "ViTStudent", "teacher": "ViTTiny", "role": "student",
                         "epochs": 150},
+        "field": {**sgd, "dataset": "cifar100", "epochs": 240, "batch_size": 64, "lr": 0.05,
+                  "milestones": (150, 180, 210), "label_smoothing": 0.0, "temperature": 4.0},
+        "field-light": {**sgd, "dataset": "cifar100", "epochs": 240, "batch_size": 64, "lr": 0.01,
+                        "milestones": (150, 180, 210), "label_smoothing": 0.0, "temperature": 4.0},
     }
     assert set(PRESETS) == set(expected)
     for name, fields in expected.items():
@@ -137,7 +141,10 @@ def test_cli_presets_are_defaults_that_flags_override(parsed, tmp_path, capsys) 
         "ResNet8w", "student", "pure", None, 0.0)
     assert (baseline.epochs, baseline.milestones, baseline.label_smoothing) == (200, (100, 150, 180), 0.0)
     student = parsed("distill", "--preset", "vit-student", "--alpha", "0.3", "--method", "nst")
-    assert student == RunSpec.create(**{**preset_defaults("vit-student", True), "alpha": 0.3, "method": "nst"})
+    vit_teacher = RunSpec.create(**{**preset_defaults("vit-teacher", False), "method": "pure"})
+    assert student == RunSpec.create(**{**preset_defaults("vit-student", True), "alpha": 0.3, "method": "nst"}
+                                     ).taught_by(vit_teacher)  # a student preset's teacher is its teacher preset's
+    assert student.teacher_spec() == vit_teacher
     assert parsed("distill", "--preset", "cnn-student", "--student", "ResNet8").model == "ResNet8"
     pretrained = parsed("train", "--preset", "vit-teacher-timm", "--teacher-weights", str(tmp_path / "w.pth"))
     assert (pretrained.model, pretrained.init_weights) == ("ViTTiny224", str(tmp_path / "w.pth"))
@@ -160,6 +167,7 @@ def test_lab_grid_is_the_plans_six_runs_with_slurm_settings(tmp_path) -> None:
         RunSpec.create(**{**preset_defaults("vit-student", False), **cifar, "method": "pure"}),
         RunSpec.create(**{**preset_defaults("vit-student", True), **cifar}),
     ]
+    expected[3], expected[5] = expected[3].taught_by(expected[0]), expected[5].taught_by(expected[1])
     assert list(grid.specs) == expected
     assert {s.epochs for s in load_grid("lab", ["epochs=2"]).specs} == {2}
 
@@ -188,7 +196,7 @@ def lab_runs(tmp_path_factory: pytest.TempPathFactory):
         for family, (teacher, student) in PAIRS.items():
             [t] = run_specs([lab_spec(teacher)], **RUN)
             [pure] = run_specs([lab_spec(student)], **RUN)
-            kd = run_specs([lab_spec(student, True, method=m) for m in KD_TERMS], **RUN)
+            kd = run_specs([lab_spec(student, True, method=m).taught_by(t.spec) for m in KD_TERMS], **RUN)
             runs[family] = (t, pure, kd)
         yield folder, runs
 

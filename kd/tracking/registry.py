@@ -255,5 +255,5 @@ def resolve_teacher(client: MlflowClient, spec: RunSpec, dst: Path, pinned_run: 
     if run_id is None:
         raise missing_teacher(client, spec)
     path = Path(client.download_artifacts(run_id, "best.pth", str(dst)))
-    version = found.version if found and found.run_id == run_id else None
+    version = str(found.version) if found and found.run_id == run_id else None
     return FoundTeacher(path, f"{teacher_uri(teacher)} (run {run_id})", run_id, version, teacher.key())
