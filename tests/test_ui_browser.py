@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 from mlflow import MlflowClient
@@ -91,7 +92,8 @@ def test_the_demo_link_and_kd_links_stay_in_model_training(store, tmp_path):
             assert_training_view(page)
             page.screenshot(path=str(tmp_path / "student.png"), full_page=True)
 
-            page.get_by_role("link", name=f"digits-ResNet20 v{version.version}").first.click()  # its teacher's version
+            teacher_link = page.get_by_role("link", name=f"digits-ResNet20 v{version.version}").first  # its teacher's
+            page.goto(urljoin(page.url, teacher_link.get_attribute("href")))  # (the note's links open a new tab)
             page.get_by_text("float32 images in [0, 1]").first.wait_for()
             assert_training_view(page)
             assert "teacher-s0-digits-ResNet20" in page.inner_text("body")  # source run and logged model
