@@ -72,7 +72,8 @@ def test_presets_hold_the_plans_recipes() -> None:
     for name, fields in expected.items():
         values = PRESETS[name].values
         assert {k: values[k] for k in fields} == fields, name
-        assert values["dataset"] == "cifar10" and values["label_smoothing"] == 0.0, name
+        assert values["dataset"] == ("cifar100" if name.startswith("field") else "cifar10"), name
+        assert values["label_smoothing"] == 0.0, name  # the plan's and the field's loss: plain CE
 
 
 class GivenLogits(nn.Module):
