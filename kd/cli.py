@@ -18,7 +18,7 @@ from typing import Any
 
 from kd.analysis.cli import register as register_analysis
 from kd.cluster.cli import register as register_cluster
-from kd.errors import SpecError
+from kd.errors import SpecError, first_line
 from kd.flags import (
     EXIT_BAD_INPUT,
     EXIT_BUSY,
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(err, MlflowException):
             raise
-        print(f"kd: the tracking store failed: {str(err).splitlines()[0][:300]}; run the same command again "
+        print(f"kd: the tracking store failed: {first_line(err, 300)}; run the same command again "
               "when it answers (a run resumes where it stopped)", file=sys.stderr)
         return EXIT_STORE
 

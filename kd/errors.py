@@ -24,3 +24,13 @@ def read_text(path: Path, what: str) -> str:
         raise SpecError(f"{what} {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except OSError as err:
         raise SpecError(f"{what} {path} cannot be read ({err.strerror or err}): make it readable by this user") from None
+
+
+def first_line(text: object, limit: int = 200) -> str:
+    """The first line of a message, cut at a word boundary with an ellipsis when longer than `limit`
+    (a reason cut mid-word misleads: port 5055 printed as 505)."""
+    line = (str(text).splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return (cut if cut else line[:limit]) + " ..."

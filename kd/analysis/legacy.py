@@ -29,7 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from kd.analysis import LEGACY_EXPERIMENT
 from kd.analysis.collect import search_all
 from kd.data import DATASETS
-from kd.errors import SpecError
+from kd.errors import SpecError, first_line
 from kd.methods.base import LOSS_TOTAL
 from kd.models import MODELS, create_model
 from kd.models.weights import load_weights_only
@@ -165,10 +165,10 @@ def check_weights(path: Path, spec: RunSpec) -> None:
         # torch's weights-only unpickler names the callable it refused (nothing ran) in one of its lines
         refused = [line.strip() for line in lines if "GLOBAL" in line]
         if refused:
-            raise Malformed(f"best.pth is refused, it asks to run code: {refused[0][:200]}") from None
+            raise Malformed(f"best.pth is refused, it asks to run code: {first_line(refused[0])}") from None
         if isinstance(err, pickle.UnpicklingError):
             raise Malformed("best.pth is not a weights-only PyTorch checkpoint (a plain pickle or another file)") from None
-        raise Malformed(f"best.pth does not load into {spec.model}: {lines[0][:200]}") from None
+        raise Malformed(f"best.pth does not load into {spec.model}: {first_line(lines[0])}") from None
 
 
 def read_run(directory: Path, root: Path, teachers: set[str]) -> LegacyRun:

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kd.cluster.schedulers import get_scheduler
+from kd.errors import first_line
 from kd.spec import PACK_FIELDS, RunSpec
 from kd.tracking import tags as T
 from kd.tracking.queries import latest_runs, spec_state
@@ -120,7 +121,7 @@ def classify(spec: RunSpec, run: Run | None, seen: Observed, retry_failed: bool)
         return Item(spec, SUBMIT)
     state = spec_state(run)
     if run.info.status == "FAILED" and not retry_failed:
-        error = (run.data.tags.get(T.ERROR) or "no error recorded").splitlines()[0][:120]
+        error = first_line(run.data.tags.get(T.ERROR) or "no error recorded", 120)
         return Item(spec, SKIP_FAILED, run, f"{error}; --retry-failed resubmits")
     job = job_of(run)
     dead = f", {job[0]} job {job[1]} gone" if job else ""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from kd.errors import first_line
 from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.runs import lease_is_live
@@ -74,7 +75,7 @@ def format_summary(rows: list[SpecStatus]) -> str:
         run_id = row.run.info.run_id if row.run else ""
         lines.append(f"{row.spec.name():58s} {row.state:14s} {row.epochs_done:>4d}/{row.spec.epochs:<4d}  {job:>10s}  {run_id}")
         if row.state in (FAILED, KILLED) and row.run.data.tags.get(T.ERROR):  # why, where the user looks first
-            lines.append(f"    {row.run.data.tags[T.ERROR][:200]}")
+            lines.append(f"    {first_line(row.run.data.tags[T.ERROR])}")
     counts = Counter(row.state for row in rows)
     lines.append(", ".join(f"{n} {state}" for state, n in counts.most_common()) + f" ({len(rows)} specs)")
     return "\n".join(lines)

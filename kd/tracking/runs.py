@@ -9,6 +9,7 @@ In journal-only mode (`--tracking journal`) the process never opens the store at
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import socket
@@ -128,6 +129,26 @@ def owner_is_dead_here(owner: str) -> bool:
     return False
 
 
+HEARTBEAT_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+
+
+def heartbeat_now() -> str:
+    """`ops.heartbeat`: the time in a form people read in MLflow's UI."""
+    return time.strftime(HEARTBEAT_FORMAT, time.gmtime())
+
+
+def heartbeat_time(text: str) -> float:
+    """Seconds since the epoch of a heartbeat: its readable form, or the number runs wrote before it
+    (an unreadable one is long past)."""
+    try:
+        return float(text)
+    except ValueError:
+        try:
+            return float(calendar.timegm(time.strptime(text, HEARTBEAT_FORMAT)))
+        except ValueError:
+            return 0.0
+
+
 def lease_is_live(run: Run, now: float | None = None) -> bool:
     """RUNNING with a recent heartbeat from a process that is not known to be dead."""
     beat = run.data.tags.get(T.HEARTBEAT)
@@ -135,7 +156,7 @@ def lease_is_live(run: Run, now: float | None = None) -> bool:
         return False
     if owner_is_dead_here(run.data.tags.get(T.OWNER, "")):
         return False
-    return (now or time.time()) - float(beat) < LEASE_SECONDS
+    return (now or time.time()) - heartbeat_time(beat) < LEASE_SECONDS
 
 
 def holder_is_live(holder: str, run: Run, now: float | None = None) -> bool:
@@ -279,7 +300,7 @@ class RunTracker:
             force = False  # the attempt is the winner's: from now on its run is the one to wait for
             time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
         generation = take_lease(ledger, client, spec, run_id, owner)
-        tags = {T.OWNER: owner, T.HEARTBEAT: f"{time.time():.0f}", T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
+        tags = {T.OWNER: owner, T.HEARTBEAT: heartbeat_now(), T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.update_run(run_id, status="RUNNING")
         tracker = cls(run_id, spec, Journal(journal_root / run_id), resume, client, sender)

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from kd.errors import SpecError
+from kd.errors import SpecError, first_line
 from kd.faults import crash_point
 from kd.spec import RunSpec
 from kd.tracking import tags as T
@@ -43,7 +43,7 @@ from kd.tracking.ledger import Ledger
 from kd.tracking.logged_models import log_trained_model, run_model_id
 from kd.tracking.presentation import describe_run, log_dataset_inputs
 from kd.tracking.registry import register_teacher
-from kd.tracking.runs import TakenOver, create_spec_run, read_json, taken_over
+from kd.tracking.runs import TakenOver, create_spec_run, heartbeat_now, read_json, taken_over
 
 MAX_BACKOFF_S = 30.0
 HEARTBEAT_SECONDS = 30
@@ -104,7 +104,7 @@ def create_local_run(client: MlflowClient, folder: Path, record: dict[str, Any])
     try:
         spec = RunSpec.from_dict(read_json(folder / "config.json"))
     except (OSError, ValueError, TypeError, SpecError) as err:
-        raise BadJournal(f"{folder / 'config.json'} is not a run's spec ({str(err).splitlines()[0][:160]}): this "
+        raise BadJournal(f"{folder / 'config.json'} is not a run's spec ({first_line(err, 160)}): this "
                          "journal is set aside (the others are shipped); restore the file, then run kd sync again") from None
     run_id = store_run_id(folder)
     while run_id is None:
@@ -222,14 +222,14 @@ class Sender:
             except Exception as err:  # the store is away: training goes on, the journal keeps everything
                 if self.outage_since is None:
                     self.outage_since = time.time()
-                    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                    reason = first_line(err) if str(err) else type(err).__name__
                     print(f"kd: tracking store unreachable ({reason}): training goes on, records wait in the "
                           "journal and are shipped when it answers", file=sys.stderr, flush=True)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def beat(self) -> None:
-        stamp = f"{time.time():.0f}"
+        stamp = heartbeat_now()
         for folder in self.folders:
             if folder.name not in self.gone:  # a run taken over is another process's to beat for
                 self.client.log_batch(folder.name, tags=[RunTag(T.HEARTBEAT, stamp)])

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 
-from kd.errors import SpecError
+from kd.errors import SpecError, first_line
 from kd.tracking import tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -106,7 +106,7 @@ def check_reachable(uri: str) -> None:
             socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_CONNECT_S).close()
     except Exception as err:
         shown = uri.replace(f":{parsed.password}@", ":***@") if parsed.password else uri
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = first_line(err, 160) if str(err) else type(err).__name__
         raise StoreUnreachable(
             f"the tracking store {shown} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI; "
             "jobs can train without it (job setting tracking: journal, docs/cluster.md)") from None
