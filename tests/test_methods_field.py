@@ -257,7 +257,7 @@ def test_kd_tune_searches_alpha_and_each_loss_weight(name, tuned):
 # ---------------------------------------------------------------- training on digits
 
 
-DIGITS = dict(dataset="digits", epochs=4, batch_size=64, train_limit=640)
+DIGITS = dict(dataset="digits", epochs=4, batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -277,10 +277,11 @@ def student(teacher_weights: str, name: str, **fields) -> RunSpec:
                           **{**DIGITS, **fields})
 
 
-# The published CIFAR-100 settings (docs/methods.md): ReviewKD and DIST add their terms to a full
-# CE; CTKD is 0.1 CE + 0.9 KD; logit standardisation is 0.1 CE + 9 KD at base temperature 2.
-FULL_CE = dict(alpha=1.0, ce_weight=1.0)
-PUBLISHED = [("reviewkd", FULL_CE), ("dist", FULL_CE), ("ctkd", dict(alpha=0.9)),
+# The published CIFAR-100 ratios of CE to the terms (docs/methods.md): ReviewKD and DIST add their
+# terms to CE (here both halved, alpha 0.5); CTKD is 0.1 CE + 0.9 KD; logit standardisation is
+# 0.1 CE + 9 KD at base temperature 2. On 640 images (40 steps) DIST and the standardised KD were
+# still near chance after 2 epochs at kd's lr 0.1; the full digits set takes them past 90 %.
+PUBLISHED = [("reviewkd", dict(alpha=0.5)), ("dist", dict(alpha=0.5)), ("ctkd", dict(alpha=0.9)),
              ("logit", dict(alpha=0.9, temperature=2.0, options={"logit_standardize": True, "logit_weight": 10.0}))]
 
 
@@ -295,7 +296,7 @@ def test_each_method_distils_on_digits_far_above_chance(store, teacher_weights):
 
 
 def test_ctkd_temperature_survives_kill_9_with_identical_history(store, teacher_weights, tmp_path: Path):
-    spec = student(teacher_weights, "ctkd", alpha=0.9, epochs=3)
+    spec = student(teacher_weights, "ctkd", alpha=0.9, epochs=3, train_limit=640)
     run_specs([spec], options=CPU, experiment="reference", progress=False)
     argv = ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--student", "ResNet8", "--method", "ctkd",
             "--alpha", "0.9", "--epochs", "3", "--batch-size", "64", "--train-limit", "640",
