@@ -152,7 +152,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from kd.tracking.sender import sync_journals
 
     roots = [Path(p).absolute() for p in args.paths] or [journal_root()]
-    return 0 if sync_journals(roots, lock=submit_lock) else 1
+    return 0 if sync_journals(roots, lock=submit_lock, say_idle=True) else 1
 
 
 def attached_experiment(run_id: str) -> str:

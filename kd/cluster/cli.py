@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from kd.cluster import CRONTAB_ENV
 from kd.cluster.schedulers import SCHEDULERS
 from kd.errors import SpecError
+from kd.flags import EXIT_STORE
 
 
 def register(sub: Any) -> None:
@@ -106,10 +108,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from kd.tracking.queries import NEW, SpecStatus, format_summary, latest_runs, summarize
     from kd.tracking.registry import teachers_by_recipe
     from kd.tracking.runs import read_config
-    from kd.tracking.store import experiment_id, get_client, ui_hint
+    from kd.tracking.store import StoreUnreachable, experiment_id, get_client, ui_hint
 
-    client = get_client()
     grid = load_grid(args.grid, args.set) if args.grid else None
+    roots = [journal_root()] + ([journals_dir(grid.job.resolved())] if grid else [])
+    try:
+        client = get_client()
+    except StoreUnreachable as away:  # one line, then what this machine's journals know
+        print(f"kd: {away}", file=sys.stderr, flush=True)
+        print_unsynced(None, roots)
+        return EXIT_STORE
     experiment = args.experiment or (grid.experiment if grid else "kd")
     exists = client.get_experiment_by_name(experiment) is not None  # status must not create it
     if grid:
@@ -123,7 +131,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     teachers = teachers_by_recipe(client, specs)
     if teachers:
         print("registered teachers (students are taught only by their own recipe's):", *teachers, sep="\n")
-    roots = [journal_root()] + ([journals_dir(grid.job.resolved())] if grid else [])
     print_unsynced(client, roots)
     if exists:
         print(ui_hint(experiment_id(client, experiment)))
@@ -132,12 +139,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def print_unsynced(client: Any, roots: list[Path]) -> None:
     """The journals' records the store lacks, one line per run: those kd sync ships, those it sets
-    aside (another process took the run over), and journals it cannot read (file and line)."""
+    aside (another process took the run over), and journals it cannot read (file and line). With the
+    store away (`client` None), every journal's run: its state, epoch and records not yet shipped."""
     from kd.tracking.journal import JOURNAL, BadJournal, journal_folders, local_state, read_records
     from kd.tracking.ledger import Ledger, find_ledger
     from kd.tracking.runs import taken_over
 
-    found = find_ledger(client)  # status only reads: no ledger is created
+    found = find_ledger(client) if client else None  # status only reads: no ledger is created
     for folder in journal_folders(roots):
         try:
             state = local_state(folder)
@@ -148,8 +156,8 @@ def print_unsynced(client: Any, roots: list[Path]) -> None:
             continue
         if fenced:
             print(f"taken over: {fenced}; kd sync sets them aside")
-        elif state["pending"]:
-            print(f"unsynced: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
+        elif state["pending"] or client is None:
+            print(f"{'unsynced' if state['pending'] else 'synced'}: run {state['run_id']} ({state['status'] or 'started'} at epoch {state['epoch']} in its "
                   f"journal): {state['pending']} record(s) in {state['folder']}; kd sync ships them")
 
 

@@ -257,12 +257,13 @@ class Sender:
 
 
 def sync_journals(roots: list[Path], client: MlflowClient | None = None,
-                  lock: Callable[[], AbstractContextManager[Any]] = nullcontext) -> bool:
+                  lock: Callable[[], AbstractContextManager[Any]] = nullcontext, say_idle: bool = False) -> bool:
     """`kd sync` and every submit round: ship every journal under roots; one line per run shipped or
     set aside. False if a journal could not be shipped (the others are shipped regardless); a
     journal another process took over is moved to `set-aside/` beside it, kept, and not an error.
     `lock` is taken only when there is something to ship: with nothing to ship, the store is not
-    opened (a read-only one can be synced, and nothing is written beside it)."""
+    opened (a read-only one can be synced, and nothing is written beside it); `say_idle` (kd sync):
+    say so in one line."""
     from kd.tracking.store import get_client  # the store module checks the URI: only when syncing
 
     folders, ok = [], True
@@ -274,6 +275,9 @@ def sync_journals(roots: list[Path], client: MlflowClient | None = None,
             print(f"kd: {err}", file=sys.stderr, flush=True)
             ok = False
     if not folders:
+        if say_idle and ok:
+            print(f"kd sync: nothing to ship: no journal under {', '.join(map(str, roots))} holds records "
+                  "the store lacks", flush=True)
         return ok
     with lock():
         return ship_all(folders, client or get_client()) and ok
