@@ -263,7 +263,13 @@ class RunSpec:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def canonical_json(self) -> str:
+        """The JSON the key hashes: fields and options added after runs existed are left out while
+        unset or at their default, so those runs keep their keys."""
         d = {k: v for k, v in self.to_dict().items() if not (k in KEY_OPTIONAL and v is None)}
+        method = registries()[2][self.method]
+        defaults = method.option_defaults()
+        d["options"] = {k: v for k, v in d["options"].items()
+                        if not (k in method.options_added_later and v == defaults[k])}
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def key(self) -> str:

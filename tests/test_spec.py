@@ -95,3 +95,19 @@ def test_whole_numbers_for_float_options_give_the_same_spec():
 def test_mlflow_run_params_as_typed_match_the_spec_as_written(typed, written, same):
     """`mlflow run -P alpha=1` logs '1'; the spec writes '1.0'. MLflow refuses to change a param."""
     assert same_param(typed, written) is same
+
+
+def test_keys_of_existing_runs_survive_fields_and_options_added_since() -> None:
+    """Stores hold runs keyed by kd before teacher_recipe, ce_weight and the logit-standardisation
+    options existed: those specs keep their keys, or every submit round would train them again.
+    The keys were recorded with kd at commit 14250e0 (the format the stores hold, not a result)."""
+    recorded = {"logit": "91d735bffdeeb2af", "dkd": "d774ba2252f72f33", "rkd": "4087c019162c81df",
+                "nst": "da3876736e947b73"}
+    for method, key in recorded.items():
+        spec = RunSpec.create(dataset="cifar100", model="ResNet56", teacher="ResNet112", method=method, alpha=0.25)
+        assert spec.key() == key, method
+    assert RunSpec.create(dataset="cifar100", model="ResNet112", role="teacher").key() == "c22572b930975039"
+    logit = RunSpec.create(dataset="cifar100", model="ResNet56", teacher="ResNet112", method="logit", alpha=0.25)
+    changed = [logit.replace(options={**logit.options, "logit_standardize": True}), logit.replace(ce_weight=1.0),
+               logit.replace(teacher_recipe={"epochs": 40})]
+    assert len({s.key() for s in [logit, *changed]}) == 4  # a value set is part of the key

@@ -53,6 +53,8 @@ class Method(nn.Module):
     - `options`: option name -> (default, one-line meaning), the only place a default is written;
       each option becomes an attribute of the instance (declare its type, without a value, in the
       class body: `dkd_warmup: int`);
+    - `options_added_later`: options added after runs of the method existed; while at their default
+      they are left out of a spec's key, so those runs keep their keys (and are not trained again);
     - `not_capturable`: None if its step can be captured in a CUDA graph, else why not (it then
       trains eagerly beside the graph; kd/engine/fast.py);
     - `epoch_key(epoch)`: what its forward makes of the epoch (a graph is captured again when it
@@ -69,6 +71,7 @@ class Method(nn.Module):
     # in the 24 characters MLflow's runs table and chart legends show; the tag kd.method keeps `name`.
     label: ClassVar[str | None] = None
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    options_added_later: ClassVar[tuple[str, ...]] = ()
     rules: ClassVar[dict[str, Rule]] = {}  # option -> the values it may take (every *_weight: >= 0)
     reference: ClassVar[str] = ""
     # Set by methods with a pre-training stage: the artifact that stores its result in the run,

@@ -64,6 +64,7 @@ class DKD(Method):
         "dkd_standardize": (False, "z-score both networks' logits before softening them (Sun et al. 2024; "
                                    "published with --temperature 2, alpha and beta x 9)"),
     }
+    options_added_later = ("dkd_standardize",)  # runs of kd 0.1 have keys without them
     rules = {"dkd_alpha": NOT_NEGATIVE, "dkd_beta": NOT_NEGATIVE, "dkd_warmup": at_least(0)}
     dkd_alpha: float
     dkd_beta: float

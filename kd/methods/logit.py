@@ -55,6 +55,7 @@ class Logit(Method):
         "logit_standardize": (False, "z-score both networks' logits before softening them (Sun et al. 2024; "
                                      "published with --temperature 2)"),
     }
+    options_added_later = ("logit_weight", "logit_standardize")  # runs of kd 0.1 have keys without them
     logit_weight: float
     logit_standardize: bool
 
