@@ -35,6 +35,7 @@ from kd.data.loader import DeviceData
 from kd.engine import compiled, fast
 from kd.engine.job import build_parts, new_student, pick_device, seeded_build
 from kd.engine.trainer import Precision, Student, Trainer, set_cudnn_deterministic
+from kd.methods import METHODS
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError, check_precision
 
@@ -238,6 +239,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.images < args.batch_size:
         raise SpecError(f"--images {args.images} is less than one batch: pass --images >= --batch-size")
     specs_for(args, 1)  # unknown models or methods stop here, as one line
+    if METHODS[args.method].inputs:
+        raise SpecError(f"kd bench compares with the thesis-style loop, which feeds no {', '.join(sorted(METHODS[args.method].inputs))}: "
+                        f"method '{args.method}' needs it; bench another method, or read a training's epoch_time")
     summary = run_bench(args)
     print(report(summary), flush=True)
     if args.json:
