@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag, ViewType
@@ -45,8 +45,14 @@ from kd.tracking.journal import (
 from kd.tracking.ledger import Ledger, owner_id
 from kd.tracking.store import experiment_id, get_client
 
-if TYPE_CHECKING:
-    from kd.tracking.sender import Sender
+
+class Shipper(Protocol):
+    """What ships a run's journal to the store (kd.tracking.sender.Sender): told of each journal it
+    opens, woken by a durable record. A protocol, so this module names no sender (no import circle)."""
+
+    def add(self, folder: Path) -> None: ...
+
+    def poke(self) -> None: ...
 
 DIRECT, JOURNAL_ONLY = TRACKING_MODES
 CREATION_WAIT_S = 30.0  # how long a process that lost the creation claim waits for the winner's run
@@ -245,7 +251,7 @@ class RunTracker:
     journal: Journal
     resumed: bool
     client: MlflowClient | None = None  # None in journal-only mode: nothing here talks to the store
-    sender: Sender | None = None
+    sender: Shipper | None = None
     lock: WriterLock | None = None
     store_steps: dict[str, set[int]] = field(default_factory=dict)
 
@@ -259,7 +265,7 @@ class RunTracker:
         force: bool = False,
         attach_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None,
-        sender: Sender | None = None,
+        sender: Shipper | None = None,
     ) -> RunTracker:
         """Find-or-create the spec's run in the store and take its lease.
 
