@@ -44,6 +44,7 @@ from kd.tracking.logged_models import log_trained_model, run_model_id
 from kd.tracking.presentation import describe_run, log_dataset_inputs
 from kd.tracking.registry import register_teacher
 from kd.tracking.runs import TakenOver, create_spec_run, heartbeat_now, read_json, taken_over
+from kd.tracking.store import get_client
 
 MAX_BACKOFF_S = 30.0
 HEARTBEAT_SECONDS = 30
@@ -264,7 +265,6 @@ def sync_journals(roots: list[Path], client: MlflowClient | None = None,
     `lock` is taken only when there is something to ship: with nothing to ship, the store is not
     opened (a read-only one can be synced, and nothing is written beside it); `say_idle` (kd sync):
     say so in one line."""
-    from kd.tracking.store import get_client  # the store module checks the URI: only when syncing
 
     folders, ok = [], True
     for folder in journal_folders(roots):
