@@ -55,6 +55,24 @@ def history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
+def method_state_after_kill_9(spec: RunSpec, argv: tuple[str, ...], crash_at: str, terms: list[str],
+                              tmp: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Train `spec` uninterrupted (experiment 'reference'), and as `kd ARGV` SIGKILLed at `crash_at`
+    then resumed ('crashed'); the resumed run ends FINISHED with the same history of `terms` (and the
+    total loss and accuracies). Returns the method's final checkpoint state: (resumed, reference)."""
+    run_specs([spec], options=CPU, experiment="reference", progress=False)
+    crashed = run_kd(*argv, "--experiment", "crashed", env={"KD_CRASH_AT": crash_at})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    run_specs([spec], options=CPU, experiment="crashed", progress=False)
+    (run,), (ref,) = runs_of("crashed"), runs_of("reference")
+    assert run.info.status == "FINISHED"
+    for key in [*terms, "loss_total", "train_acc", "test_acc"]:
+        assert history(run.info.run_id, key) == history(ref.info.run_id, key), key
+    return tuple(torch.load(MlflowClient().download_artifacts(r.info.run_id, "checkpoint/checkpoint.pth",
+                                                              str(tmp / r.info.run_id)), weights_only=True)["method"]
+                 for r in (run, ref))
+
+
 def final_weights(run_id: str, tmp: Path) -> dict[str, Tensor]:
     path = MlflowClient().download_artifacts(run_id, "best.pth", str(tmp))
     return load_weights_only(Path(path))["weights"]

@@ -5,12 +5,10 @@ deterministically, CRD's memory bank surviving kill -9, and both distilling on d
 from __future__ import annotations
 
 import math
-import signal
 
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from kd.data import load_dataset
 from kd.data.loader import DeviceData
@@ -30,8 +28,8 @@ from kd.methods.mlkd import (
 )
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
-from tests.conftest import CPU, run_kd
-from tests.test_crash_safety import history, runs_of
+from tests.conftest import CPU
+from tests.test_crash_safety import history, method_state_after_kill_9
 from tests.test_fast import Uncaptured, assert_same_training
 
 SHAPES = [torch.Size(s) for s in [(4, 4, 4), (8, 2, 2), (10,)]]  # two small stages and 10 logits
@@ -253,22 +251,12 @@ def test_crd_resumes_after_kill_9_with_identical_history_and_memory(store, tmp_p
     spec = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", teacher_weights=str(weights),
                           method="crd", alpha=0.5, epochs=3, batch_size=64, train_limit=320,
                           options={"crd_negatives": 128})
-    run_specs([spec], options=CPU, experiment="reference", progress=False)
     argv = ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--teacher-weights", str(weights),
             "--student", "ResNet8", "--method", "crd", "--alpha", "0.5", "--epochs", "3", "--batch-size", "64",
-            "--train-limit", "320", "--crd-negatives", "128", "--device", "cpu", "--experiment", "crashed")
-    crashed = run_kd(*argv, env={"KD_CRASH_AT": "step:8"})  # 5 steps an epoch: killed in epoch 2
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    run_specs([spec], options=CPU, experiment="crashed", progress=False)
-    (run,), (ref,) = runs_of("crashed"), runs_of("reference")
-    assert run.info.status == "FINISHED"
-    for key in ["loss_crd", "loss_total", "train_acc", "test_acc"]:
-        assert history(run.info.run_id, key) == history(ref.info.run_id, key), key
-    states = [torch.load(MlflowClient().download_artifacts(r.info.run_id, "checkpoint/checkpoint.pth",
-                                                           str(tmp_path / r.info.run_id)), weights_only=True)
-              for r in (run, ref)]
-    assert int(states[0]["method"]["draws"]) == 15  # the resumed run's step count went on from the checkpoint
-    assert all(torch.equal(states[0]["method"][k], v) for k, v in states[1]["method"].items())
+            "--train-limit", "320", "--crd-negatives", "128", "--device", "cpu")
+    resumed, reference = method_state_after_kill_9(spec, argv, "step:8", ["loss_crd"], tmp_path)  # in epoch 2
+    assert int(resumed["draws"]) == 15  # the resumed run's step count went on from the checkpoint
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
 
 
 def test_crd_and_mlkd_distil_on_digits(store):

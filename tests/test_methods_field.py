@@ -6,7 +6,6 @@ surviving kill -9, and every method distilling on digits."""
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ from kd.methods.mlkd import confidence_shares, mlkd_losses
 from kd.methods.reviewkd import hcl_loss
 from kd.spec import RunSpec
 from kd.tuning.space import build_space
-from tests.conftest import CPU, run_kd
-from tests.test_crash_safety import history, runs_of
+from tests.conftest import CPU
+from tests.test_crash_safety import history, method_state_after_kill_9
 
 LOGITS = [torch.Size([10])]  # what the logit methods see of a model: its logits
 S_LOGITS = [[1.0, 2.0, 3.0, 6.0], [0.5, -1.0, 0.0, 2.5]]
@@ -297,19 +296,9 @@ def test_each_method_distils_on_digits_far_above_chance(store, teacher_weights):
 
 def test_ctkd_temperature_survives_kill_9_with_identical_history(store, teacher_weights, tmp_path: Path):
     spec = student(teacher_weights, "ctkd", alpha=0.9, epochs=3, train_limit=640)
-    run_specs([spec], options=CPU, experiment="reference", progress=False)
     argv = ("distill", "--dataset", "digits", "--teacher", "ResNet8", "--student", "ResNet8", "--method", "ctkd",
             "--alpha", "0.9", "--epochs", "3", "--batch-size", "64", "--train-limit", "640",
-            "--teacher-weights", teacher_weights, "--device", "cpu", "--experiment", "crashed")
-    crashed = run_kd(*argv, env={"KD_CRASH_AT": "step:15"})  # in epoch 2, after epoch 1's checkpoint
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    run_specs([spec], options=CPU, experiment="crashed", progress=False)
-    (run,), (ref,) = runs_of("crashed"), runs_of("reference")
-    assert run.info.status == "FINISHED"
-    for key in ["loss_ctkd", "loss_total", "train_acc", "test_acc"]:
-        assert history(run.info.run_id, key) == history(ref.info.run_id, key), key
-    states = [torch.load(MlflowClient().download_artifacts(r.info.run_id, "checkpoint/checkpoint.pth",
-                                                           str(tmp_path / r.info.run_id)), weights_only=True)
-              for r in (run, ref)]
-    theta = [s["method"]["theta"] for s in states]
-    assert torch.equal(theta[0], theta[1]) and theta[0].item() != 1.0  # learned, and the same after the kill
+            "--teacher-weights", teacher_weights, "--device", "cpu")
+    resumed, reference = method_state_after_kill_9(spec, argv, "step:15", ["loss_ctkd"], tmp_path)  # in epoch 2
+    theta = resumed["theta"], reference["theta"]
+    assert torch.equal(*theta) and theta[0].item() != 1.0  # learned, and the same after the kill
