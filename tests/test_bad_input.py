@@ -28,6 +28,7 @@ from kd.cli import build_parser, distill_spec, main, train_spec
 from kd.cluster.grids import load_grid, method_options, spec_fields
 from kd.cluster.schedulers import SCHEDULERS, Pbs, SchedulerError
 from kd.cluster.templates import JobSettings
+from kd.flags import NOT_FLAGS
 from kd.models import create_model
 from kd.spec import RunSpec, SpecError
 from kd.tracking.ledger import LEDGER_EXPERIMENT
@@ -255,7 +256,7 @@ def test_every_spec_field_has_a_flag_in_the_property_test():
     for command, skipped in (("train", {"method", "teacher", "alpha", "teacher_weights"}),
                              ("distill", {"model", "role", "init_weights"})):
         dests = {a.dest for a in subcommand(build_parser(), command)._actions}
-        assert {f.name for f in dataclasses.fields(RunSpec)} - skipped - {"options"} <= dests
+        assert {f.name for f in dataclasses.fields(RunSpec)} - skipped - NOT_FLAGS <= dests
         assert {f"opt.{name}" for name in method_options()} <= dests
     assert len(FLAGS["distill"]) > 30
 

@@ -278,7 +278,8 @@ def test_guard_stops_skipped_fp16_steps_as_failed(teacher, broken_methods):
 def pure_and(spec_values: dict, epochs: int) -> list[RunSpec]:
     """A pack of a pure student and a KD student on digits (ResNet8, 7 steps per epoch)."""
     common = dict(dataset="digits", model="ResNet8", epochs=epochs, batch_size=48, train_limit=320)
-    return [RunSpec.create(**common), RunSpec.create(**common, teacher="ResNet8", **spec_values)]
+    taught = RunSpec.create(**common, teacher="ResNet8", **spec_values)
+    return [RunSpec.create(**common), taught if taught.teacher_weights else taught.taught_by(TEACHER_SPEC)]
 
 
 def test_a_diverged_student_fails_alone_and_its_pack_trains_on(teacher, broken_methods):

@@ -64,17 +64,17 @@ FASHION = Path(os.environ.get("KD_FASHION_MNIST_DIR", "/usr/share/datasets/fashi
 REDUCED = """experiment: field-fashion
 datasets: [fashion_mnist]
 seeds: [0, 1]
+pure_student: false
 methods:
   logit: {alpha: 0.9}
-  fitnets: {alpha: 1.0, ce_weight: 1.0}
 tracks:
   - {teacher: ResNet56, student: ResNet20, presets: {teacher: field, student: field}}
-spec: {epochs: 1, train_limit: 512}
+spec: {epochs: 1, train_limit: 256}
 job: {ncpus: 1, gpus: 0, device: cpu, walltime: "00:30:00"}
 """
 
 
-@pytest.mark.slow  # 4 jobs (a teacher and a pack of 3 students per seed), each evaluating on 10000 test images
+@pytest.mark.slow  # 4 jobs (a teacher and a student per seed), each evaluating on 10000 test images
 @pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
                     reason="the real Fashion-MNIST files are not installed (Debian's dataset-fashion-mnist)")
 def test_a_reduced_field_grid_on_fashion_mnist_reaches_the_fields_table_and_the_summary_runs(store, tmp_path):

@@ -62,6 +62,12 @@ def experiment_of(args: argparse.Namespace) -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", "kd")
 
 
+def grid_tag(args: argparse.Namespace) -> str | None:
+    """The `kd.grid` a --grid's runs carry: the grid's name (a file's stem), also when a path is given."""
+    grid = grid_of(args)
+    return grid.name if grid else args.grid
+
+
 def expected_seeds(args: argparse.Namespace) -> list[int] | None:
     """--seeds; else a --grid's seeds, so that a seed no job has reached yet is flagged missing."""
     seeds = parse_seeds(args.seeds)
@@ -92,10 +98,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     make_out_folder(args.out)
     client = get_client()
     args.experiment = experiment_of(args)
-    material = gather(client, args.experiment, args.grid, expected_seeds(args), factor)
+    grid = grid_tag(args)
+    material = gather(client, args.experiment, grid, expected_seeds(args), factor)
     report = write_report(material, args.out, args.metric, args.dataset)
     logged, unchanged = log_summaries(client, args.experiment, recipe_summaries(material.runs, material.curves))
-    tags = {T.ANALYSIS_GRID: args.grid} if args.grid else {}  # not kd.grid: it is no grid run
+    tags = {T.ANALYSIS_GRID: grid} if grid else {}  # not kd.grid: it is no grid run
     run_id, target = log_analysis(client, args.experiment, "report", args.out, tags)
     for name, entry in report.items():
         values = ", ".join(f"{k}={'n/a' if entry[k] is None else format(entry[k], '.4f')}" for k in REPORT_KEYS)
@@ -111,7 +118,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from kd.analysis.plots import plot_runs
     from kd.tracking.store import get_client
 
-    plotted, current = plot_runs(get_client(), experiment_of(args), args.grid, args.force)
+    plotted, current = plot_runs(get_client(), experiment_of(args), grid_tag(args), args.force)
     print(f"plotted {plotted} runs, {current} already up to date")
     return 0
 

@@ -148,14 +148,14 @@ def method_entries(value: Any) -> tuple[list[str], dict[str, dict[str, Any]]]:
     field's loss weights (`{logit: {alpha: 0.9}, fitnets: {alpha: 1, ce_weight: 1}}`), which win over
     `alphas` and `spec:`; an option there must be the method's own."""
     names = list(value) if isinstance(value, dict) else listed(value, "methods")
-    for method in names:  # before they key a dict: `methods: [[]]` is no name
-        if not isinstance(method, str):
-            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: see kd methods")
+    for method in names:  # before they key a dict or a message: `methods: [[]]` or a newline is no name
+        if not isinstance(method, str) or method not in METHODS:
+            raise SpecError(f"grid methods are names like [logit, rkd], not {method!r}: choose from "
+                            f"{', '.join(METHODS)} (see kd methods)")
     entries = dict(value) if isinstance(value, dict) else dict.fromkeys(names)
     for method, own in entries.items():
         entries[method] = dict(mapping(own, f"grid method {method}"))
-        foreign = [k for k in entries[method] if k not in spec_fields() and method in METHODS
-                   and k not in METHODS[method].options]
+        foreign = [k for k in entries[method] if k not in spec_fields() and k not in METHODS[method].options]
         if foreign:
             raise SpecError(f"grid method {method}: {', '.join(map(str, foreign))} is neither a spec field nor "
                             f"an option of {method} (see kd methods)")

@@ -151,7 +151,10 @@ def build_space(method: str, params: str | None, ranges: str | None) -> list[Dim
 
 
 def trial_spec(base: RunSpec, values: dict[str, Any]) -> RunSpec:
-    """The base spec with a trial's values: spec fields replaced, method options merged."""
+    """The base spec with a trial's values: spec fields replaced, method options merged. Every trial is
+    taught by the study's teacher, whatever recipe field it tunes (a tuned lr is the student's own)."""
     options = {k: v for k, v in values.items() if k in base.options}
     fields = {k: v for k, v in values.items() if k not in options}
-    return base.replace(**fields, options={**base.options, **options})
+    trial = base.replace(**fields, options={**base.options, **options})
+    teacher = base.teacher_spec()
+    return trial if teacher is None else trial.taught_by(teacher)
