@@ -343,9 +343,10 @@ class RunSpec:
         changed += [f"{k}={_shown(v)}" for k, v in self.options.items() if v != other.options.get(k)]
         return ", ".join(changed) or "the default recipe"
 
-    def command(self, skip: tuple[str, ...] = ()) -> str:
+    def command(self, skip: tuple[str, ...] = (), teacher_version: str | None = None) -> str:
         """The `kd train` (pure runs) or `kd distill` command that trains this spec: the values that
-        differ from the defaults (dataset, seed and epochs always); `skip`: fields to leave out."""
+        differ from the defaults (dataset, seed and epochs always); `skip`: fields to leave out;
+        `teacher_version`: the registered teacher a student of another recipe's teacher names."""
         pure = self.method == "pure"
         ref = RunSpec.create(method=self.method, teacher=self.teacher, teacher_weights=self.teacher_weights,
                              role=self.role)
@@ -358,7 +359,7 @@ class RunSpec:
         changed.update({k: v for k, v in self.options.items() if v != ref.options[k]})
         for name, value in changed.items():
             words += ["--" + name.replace("_", "-"), _shown(value)]
-        return shlex.join(words)
+        return shlex.join(words + (["--teacher-version", teacher_version] if teacher_version else []))
 
 
 # What a field's annotation asks for, in words, and an example for fields without a default.

@@ -20,6 +20,8 @@ from kd.data import load_dataset
 from kd.data.loader import DeviceData
 from kd.engine.job import run_specs
 from kd.spec import RunSpec, SpecError
+from kd.tracking.registry import with_teacher_version
+from kd.tracking.store import get_client
 from kd.tuning.space import Dim, build_space, default_dim, trial_spec
 from kd.tuning.storage import open_storage
 from kd.tuning.workers import tune_worker_command
@@ -182,7 +184,9 @@ def test_study_prunes_and_every_trial_is_a_child_run(store: Path, capsys: pytest
     base = RunSpec.create(dataset="digits", model="ResNet8", teacher="ResNet8", method="rkd", epochs=3,
                           batch_size=64, train_limit=320)  # val_fraction 0: the whole training set
     expected = trial_spec(base, {k: float(f"{v:.6g}") for k, v in best.params.items()})  # printed to 6 digits
-    assert spec_from_args(args, model=args.student, role="student") == expected
+    chosen = with_teacher_version(get_client(), spec_from_args(args, model=args.student, role="student"),
+                                  args.teacher_version)  # the study's teacher, named in the command
+    assert chosen == expected and expected.teacher_spec() == TEACHER
 
 
 def test_two_workers_share_one_study(store: Path, teacher_weights: list[str]) -> None:

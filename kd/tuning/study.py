@@ -32,7 +32,7 @@ from kd.engine.job import run_specs
 from kd.engine.trainer import Stopped, Student, TrainingDiverged
 from kd.errors import SpecError
 from kd.spec import RunOptions, RunSpec
-from kd.tracking.registry import missing_teacher, teacher_version
+from kd.tracking.registry import alias, missing_teacher, teacher_version
 from kd.tracking.runs import RunRefused
 from kd.tracking.store import experiment_id, get_client
 from kd.tuning import PRUNERS, SAMPLERS
@@ -347,7 +347,9 @@ def finalize(study: optuna.Study, config: StudyConfig, parent: str, experiment: 
         if runs:
             summary.best_run_id = runs[0].info.run_id
             summary.best_test_acc = runs[0].data.metrics.get("final_test_acc")
-        summary.command = trial_spec(config.base, best.params).replace(val_fraction=0.0).command(skip=("val_fraction",))
+        best_spec = trial_spec(config.base, best.params).replace(val_fraction=0.0)
+        teacher = best_spec.teacher_spec() if best_spec.teacher_recipe else None  # the study's, by name
+        summary.command = best_spec.command(skip=("val_fraction",), teacher_version=teacher and alias(teacher))
         metrics["best_val_acc"] = best.value
         metrics.update({f"best_{k}": float(v) for k, v in best.params.items()})
         if summary.best_test_acc is not None:
