@@ -99,6 +99,6 @@ def test_distill_with_another_recipe_refuses_then_records_the_teacher_it_was_tol
     weights = Path(client.download_artifacts(version.run_id, "best.pth"))
     tags = student.data.tags
     assert (tags["kd.teacher_run"], tags["kd.teacher_version"], tags["kd.teacher_key"]) == (
-        version.run_id, version.version, teacher.key())
+        version.run_id, str(version.version), teacher.key())
     assert tags["kd.teacher_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert student.data.params["teacher_recipe"] == '{"epochs": 1}'

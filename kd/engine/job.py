@@ -205,6 +205,7 @@ def run_specs(
                             f"({len(data.train)} images): pass --batch-size {len(data.train)} or less")
         taught = [s for s in specs if s.teacher or s.teacher_weights]
         teacher, found = pack_teacher(taught, specs, data, dev, client, tmp, experiment, journal_runs)
+        teacher_tags = found.tags() if found else {}  # its weights' digest: read once for the pack
         parts = [build_parts(s, data, dev) for s in specs]  # what cannot apply stops here, before any run
         inputs = dataset_inputs(data, first.dataset, first.val_fraction, first.train_limit)
         shape = model_shape(first.dataset, data.mean, data.std, data.test.images)
@@ -225,7 +226,7 @@ def run_specs(
         try:
             for spec, tracker, (model, method, init_source), mode in zip(specs, trackers, parts, modes, strict=True):
                 if spec in taught:  # kd.teacher_run: the teacher this student keeps after a resume
-                    tracker.set_tags(found.tags())
+                    tracker.set_tags(teacher_tags)
                 if init_source:
                     print(f"[{spec.name()}] {init_source}", flush=True)
                     tracker.set_tags({T.INIT_SOURCE: init_source})
