@@ -126,13 +126,24 @@ def test_a_sigterm_while_the_store_is_created_leaves_a_usable_store(tmp_path, mo
     assert killed.returncode == -signal.SIGTERM, killed.stderr
     half = tmp_path / "half.db"  # what the killed process was building: a half-made store, as an older kd left it
     shutil.copyfile(db.with_name("mlflow.db.creating"), half)
+    os.utime(half, (time.time() - 3600,) * 2)  # left an hour ago: not a creation still under way
     monkeypatch.setattr(store_module, "_reachable", set())
     for uri in (f"sqlite:///{db}", f"sqlite:///{half}"):  # the next command: a whole store
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         assert get_client().search_experiments()
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kd: ")]
     assert len(said) == 1 and "was left half-made" in said[0] and str(half) in said[0], said
-    assert len(list(tmp_path.glob("half.db.half-made-*"))) == 1
+    (set_aside,) = tmp_path.glob("half.db.half-made-*")
+
+    # a half-made store still being written (`mlflow ui` creating it in place) is waited for, not moved
+    growing = tmp_path / "growing.db"
+    shutil.copyfile(set_aside, growing)
+    finisher = threading.Timer(2.0, shutil.copyfile, (db, growing))
+    finisher.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{growing}")
+    assert get_client().search_experiments()
+    finisher.join()
+    assert not list(tmp_path.glob("growing.db.half-made-*")) and "half-made" not in capsys.readouterr().err
 
 
 def journal(folder: Path, *lines: str, shipped: int | None = None) -> Path:

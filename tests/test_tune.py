@@ -70,7 +70,7 @@ def logs(tmp_path: Path) -> str:
 
 def study_runs(study: str, kind: str) -> list:
     """The study's parent run (kind 'study') or its trial runs (kind 'trial')."""
-    client = MlflowClient()
+    client = get_client()  # kd's: a store a worker is creating is not opened half-made
     exp = client.get_experiment_by_name(EXPERIMENT)
     query = f"tags.`kd.study` = '{study}' AND tags.`kd.tuning` = '{kind}'"
     return [] if exp is None else client.search_runs([exp.experiment_id], query)

@@ -75,8 +75,9 @@ def sqlite_path(uri: str | None = None) -> Path | None:
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # A store that refuses or does not accept the connection is down: 5 s. One that accepted it is
-# there but busy (a server taking 16 jobs' first requests at once): 10 s more for its answer.
-PROBE_CONNECT_S, PROBE_READ_S = 5.0, 10.0
+# there but busy (a server taking 16 jobs' first requests at once on a loaded 2-core node took over
+# 10 s in CI): 30 s more for its answer.
+PROBE_CONNECT_S, PROBE_READ_S = 5.0, 30.0
 # The probe asks the API itself (a search reads the server's database), not only /health: a server
 # whose database hangs answers /health and then hangs every request of the run.
 PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
@@ -180,6 +181,7 @@ def open_sqlite(uri: str, db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".init.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_while_created_elsewhere(db)
         if db.exists() and half_made(db):
             aside = db.with_name(f"{db.name}.half-made-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(db, aside)
@@ -190,6 +192,18 @@ def open_sqlite(uri: str, db: Path) -> None:
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # its first open writes the default experiment
             client.search_experiments(max_results=1)
             client.search_registered_models(max_results=1)
+
+
+CREATION_QUIET_S = 20.0  # a half-made store unchanged this long is an interrupted creation
+
+
+def wait_while_created_elsewhere(db: Path, limit_s: float = 180.0) -> None:
+    """MLflow itself (an `mlflow ui`, a plain client) creates a store in place, outside our lock: a
+    half-made store still being written is waited for, never moved from under its creator."""
+    deadline = time.monotonic() + limit_s
+    while db.exists() and half_made(db) and time.time() - db.stat().st_mtime < CREATION_QUIET_S \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def create_sqlite(db: Path) -> None:
