@@ -159,6 +159,7 @@ class RunSpec:
                 raise SpecError(f"{f.name} {shown} is not {KINDS[kind]}: pass {_flag_of(f.name)} like {example}")
 
     def _check(self) -> None:
+        """Every field's value, in the order a user fixes them: names, roles, numbers, options."""
         DATASETS, MODELS, METHODS = registries()
         _one_of("dataset", self.dataset, DATASETS, "kd datasets")
         _one_of("model", self.model, MODELS, "kd models")
@@ -166,6 +167,14 @@ class RunSpec:
         _one_of("role", self.role, ROLES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("schedule", self.schedule, SCHEDULES)
+        self._check_teaching(MODELS)
+        self._check_loss()
+        self._check_training()
+        self._check_method_options(METHODS)
+        self._check_teacher_recipe()
+
+    def _check_teaching(self, models: dict[str, Any]) -> None:
+        """Who teaches whom: a pure run has no teacher, a distillation run is a student with one."""
         if self.method == "pure":
             if self.teacher is not None:
                 raise SpecError("method 'pure' takes no teacher: drop --teacher or choose a KD --method")
@@ -179,7 +188,10 @@ class RunSpec:
         if self.init_weights is not None and self.role != "teacher":
             raise SpecError("init_weights starts a teacher from pretrained weights: drop it, or pass --role teacher")
         if self.teacher is not None:
-            _one_of("teacher", self.teacher, MODELS, "kd models")
+            _one_of("teacher", self.teacher, models, "kd models")
+
+    def _check_loss(self) -> None:
+        """The loss's numbers: alpha, the CE weight, the temperature, and every float finite."""
         if not 0.0 <= self.alpha <= 1.0:
             raise SpecError(f"alpha {self.alpha} is outside [0, 1]: pass --alpha between 0 and 1")
         if self.ce_weight is not None and (self.method == "pure" or not 0.0 <= self.ce_weight <= 10.0):
@@ -190,6 +202,9 @@ class RunSpec:
         for name, value in [*((f, getattr(self, f)) for f in FLOAT_FIELDS), *self.options.items()]:
             if isinstance(value, float) and not math.isfinite(value):
                 raise SpecError(f"{name} {value} is not a finite number: pass {_flag_of(name)} a number")
+
+    def _check_training(self) -> None:
+        """The recipe's numbers: epochs, batch size, seed, schedule, optimiser and data split."""
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{name} must be at least 1: pass --{name.replace('_', '-')} >= 1")
@@ -210,15 +225,17 @@ class RunSpec:
             raise SpecError("val_fraction must be in [0, 1): pass --val-fraction 0.1 or so")
         if self.train_limit < 0:
             raise SpecError("train_limit must be >= 0 (0 means the whole training set)")
-        known = METHODS[self.method].option_defaults()
+
+    def _check_method_options(self, methods: dict[str, Any]) -> None:
+        """The options are the method's own, with values it accepts."""
+        known = methods[self.method].option_defaults()
         unknown = sorted(set(self.options) - set(known))
         if unknown:
             raise SpecError(
                 f"method '{self.method}' has no option {', '.join(unknown)}: "
                 f"its options are {', '.join(known) or 'none'} (see kd methods)"
             )
-        METHODS[self.method].check_options(self.options)
-        self._check_teacher_recipe()
+        methods[self.method].check_options(self.options)
 
     def _check_teacher_recipe(self) -> None:
         if self.teacher_recipe is None:
