@@ -58,9 +58,8 @@ def teacher_weights(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def worker(args: list[str], tmp_path: Path) -> subprocess.Popen:
     """`python -m kd.cli tune ARGS` in the background, its output in worker-N.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "kd.cli", "tune", *args], cwd=tmp_path, env=env,
+        return subprocess.Popen([sys.executable, "-m", "kd.cli", "tune", *args], cwd=tmp_path,
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
