@@ -29,21 +29,21 @@ ON = "inductor"
 
 
 class CompiledForwards:
-    """The compiled stand-ins of a pack's models, keyed by module; `state` is the `kd.compile` tag."""
+    """The compiled stand-ins of a pack's models, by module; `state` is the `kd.compile` tag."""
 
     def __init__(self, enabled: bool, backend: str | Callable[..., Any] = "inductor") -> None:
         self.enabled, self.backend = enabled, backend
         self.state = ON if enabled else OFF
         self.tried = False
-        self.compiled: dict[int, Callable[[Tensor], Any]] = {}
+        self.compiled: dict[nn.Module, Callable[[Tensor], Any]] = {}  # modules hash by identity
 
     def __call__(self, module: nn.Module) -> Callable[[Tensor], Any]:
         """What the full-batch step calls: the compiled forward, or the module if compilation is off."""
         if not self.enabled or module is None:
             return module
-        if id(module) not in self.compiled:
-            self.compiled[id(module)] = torch.compile(module, backend=self.backend)
-        return self.compiled[id(module)]
+        if module not in self.compiled:
+            self.compiled[module] = torch.compile(module, backend=self.backend)
+        return self.compiled[module]
 
     def prepare(self, teacher: nn.Module | None, students: Iterable[nn.Module], x: Tensor, y: Tensor,
                 autocast: Callable[[], Any]) -> None:

@@ -41,9 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from kd.data.loader import DeviceData, Extras
-from kd.engine.trainer import Student, Trainer, teacher_forward
+from kd.engine.callbacks import standard_callbacks
+from kd.engine.trainer import EpochCallback, Student, Trainer, teacher_forward
 from kd.methods import METHODS
-from kd.spec import RunSpec
+from kd.spec import DEFAULT_COLLAPSE_AFTER, RunSpec
 from kd.tracking import tags as T
 
 GRAPH = "cuda_graph"
@@ -59,10 +60,14 @@ def step_modes(device: torch.device, specs: list[RunSpec]) -> list[str]:
             else f"eager: method '{s.method}' is not capturable ({METHODS[s.method].not_capturable})" for s in specs]
 
 
-def make_trainer(students: list[Student], data: DeviceData, modes: list[str], **options: Any) -> Trainer:
-    """The one choice of trainer: graphed if any student's step mode (`step_modes`) is GRAPH.
-    `options`: the Trainer's keyword arguments."""
-    return (GraphedTrainer if GRAPH in modes else Trainer)(students, data, **options)
+def make_trainer(students: list[Student], data: DeviceData, modes: list[str], *,
+                 on_epoch: EpochCallback | None = None, collapse_after: int = DEFAULT_COLLAPSE_AFTER,
+                 **options: Any) -> Trainer:
+    """The one choice of trainer: graphed if any student's step mode (`step_modes`) is GRAPH, with the
+    standard epoch-end callbacks (`on_epoch`, the caller's, among them; `collapse_after`: the collapse
+    guard's window). `options`: the Trainer's other keyword arguments."""
+    callbacks = standard_callbacks(on_epoch, collapse_after)
+    return (GraphedTrainer if GRAPH in modes else Trainer)(students, data, callbacks=callbacks, **options)
 
 
 class Graphs(Protocol):
@@ -138,9 +143,9 @@ class GraphedTrainer(Trainer):
         self.warmups_left = 0
         self.static: tuple[Tensor, Tensor, Tensor] | None = None  # x, y, 1-based step number
         self.static_extras: Extras = {}  # the batch's extra inputs, by name
-        self.lrs: dict[int, list[Tensor]] = {}  # per student, one lr tensor per param group
-        self.lrs_for: tuple | None = None  # (epoch, students) the lr tensors were filled for
-        self.streams: dict[int, torch.cuda.Stream] = {}  # per student: its branch of the graph
+        self.lrs: dict[int, list[Tensor]] = {}  # by trainee index: one lr tensor per param group
+        self.lrs_for: tuple | None = None  # (epoch, trainee indices) the lr tensors were filled for
+        self.streams: dict[int, torch.cuda.Stream] = {}  # by trainee index: its branch of the graph
         self.since_check = 0
 
     def capturable(self, s: Student) -> bool:
@@ -149,17 +154,34 @@ class GraphedTrainer(Trainer):
     def train_batch(self, stepping: list[Student], x: Tensor, y: Tensor, epoch: int, b: int,
                     extras: Extras | None = None) -> None:
         self.epoch = epoch
-        graphed = [s for s in stepping if self.capturable(s)]
-        if not graphed or len(y) != self.spec.batch_size:  # nothing to replay, or the short last batch
+        graphed = self.graphed_students(stepping, epoch) if len(y) == self.spec.batch_size else []
+        stepping = [s for s in stepping if self.alive(s)]
+        if not graphed:  # nothing to replay, or the short last batch
             super().train_batch(stepping, x, y, epoch, b, extras)
-            return
-        key = (tuple(map(id, graphed)), tuple(s.method.epoch_key(epoch) for s in graphed))
-        if key != self.key:
-            self.check()
-            if not all(map(self.alive, graphed)):  # the guard's read found one diverged: again without it
-                self.train_batch([s for s in stepping if self.alive(s)], x, y, epoch, b, extras)
-                return
-            self.key, self.replay, self.warmups_left = key, None, WARMUP_STEPS
+        else:
+            self.graphed_batch(graphed, stepping, x, y, epoch, b, extras)
+
+    def graphed_students(self, stepping: list[Student], epoch: int) -> list[Student]:
+        """The students a full batch replays: the capturable ones. When they or their epoch keys
+        differ from the captured graph's, the guard reads first (a diverged one leaves the pack)
+        and a new warm-up and capture follow."""
+        graphed = [s for s in stepping if self.capturable(s)]
+        if not graphed or self.capture_key(graphed, epoch) == self.key:
+            return graphed
+        self.check()
+        graphed = [s for s in graphed if self.alive(s)]
+        if graphed and self.capture_key(graphed, epoch) != self.key:
+            self.key, self.replay, self.warmups_left = self.capture_key(graphed, epoch), None, WARMUP_STEPS
+        return graphed
+
+    def capture_key(self, graphed: list[Student], epoch: int) -> tuple:
+        """What a captured graph is for: its students (by index) and their methods' epoch keys."""
+        return tuple(map(self.index, graphed)), tuple(s.method.epoch_key(epoch) for s in graphed)
+
+    def graphed_batch(self, graphed: list[Student], stepping: list[Student], x: Tensor, y: Tensor, epoch: int,
+                      b: int, extras: Extras | None) -> None:
+        """A full batch: the graphed students' steps warmed up or replayed, then the others' eager steps
+        on the graph's teacher outputs; the guard reads every GUARD_EVERY batches."""
         self.hold(graphed, epoch)
         static_x, static_y, static_step = self.buffers(x, y)
         static_x.copy_(x)
@@ -176,10 +198,10 @@ class GraphedTrainer(Trainer):
                 super().train_batch(stepping, x, y, epoch, b, extras)
                 return
             teacher_out, views = self.replay()
-        graphed_ids = set(map(id, graphed))
+        graphed_indices = set(map(self.index, graphed))
         for s in stepping:
-            if id(s) in graphed_ids:
-                self.stepped(s, len(y), b)
+            if self.index(s) in graphed_indices:
+                self.stepped(s, b)
             else:  # not capturable: steps eagerly on the graph's teacher outputs
                 self.eager_step(s, x, y, teacher_out, epoch, b, extras=views)
         self.since_check += 1
@@ -216,11 +238,12 @@ class GraphedTrainer(Trainer):
         if self.precision.device.type != "cuda":
             yield from graphed
             return
-        for s in graphed:
-            if id(s) not in self.streams:  # made in the warm-up: never inside a capture
-                self.streams[id(s)] = torch.cuda.Stream()
+        indices = list(map(self.index, graphed))
+        for i in indices:
+            if i not in self.streams:  # made in the warm-up: never inside a capture
+                self.streams[i] = torch.cuda.Stream()
         origin = torch.cuda.current_stream()
-        streams = [self.streams[id(s)] for s in graphed]
+        streams = [self.streams[i] for i in indices]
         for stream in streams:
             stream.wait_stream(origin)
         for s, stream in zip(graphed, streams, strict=True):
@@ -248,12 +271,12 @@ class GraphedTrainer(Trainer):
         """Before the steps to come: the students' sums in their tallies, their learning rates in
         the lr tensors (refilled each epoch; outside any capture)."""
         for s in graphed:
-            self.hold_sums(s)
+            self.running_sums.hold(self.index(s))
         if self.lrs_for == (epoch, self.key[0]):
             return
         for s in graphed:
-            lrs = self.lrs.setdefault(id(s), [torch.zeros((), device=self.precision.device)
-                                               for _ in s.optimizer.param_groups])
+            lrs = self.lrs.setdefault(self.index(s), [torch.zeros((), device=self.precision.device)
+                                                      for _ in s.optimizer.param_groups])
             for group, lr in zip(s.optimizer.param_groups, lrs, strict=True):
                 lr.fill_(group["lr"])
         self.lrs_for = (epoch, self.key[0])
@@ -262,7 +285,8 @@ class GraphedTrainer(Trainer):
     def tensor_lrs(self, graphed: list[Student]) -> Iterator[None]:
         """param_group['lr'] is the device tensor while the step is warmed up or captured; the
         float stays the group's value otherwise (schedulers, metrics and checkpoints use it)."""
-        groups = [(g, lr) for s in graphed for g, lr in zip(s.optimizer.param_groups, self.lrs[id(s)], strict=True)]
+        groups = [(g, lr) for s in graphed
+                  for g, lr in zip(s.optimizer.param_groups, self.lrs[self.index(s)], strict=True)]
         floats = [g["lr"] for g, _ in groups]
         for g, lr in groups:
             g["lr"] = lr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,7 @@ from kd.engine.checkpoint import CheckpointStore
 from kd.engine.compiled import CompiledForwards
 from kd.faults import crash_point
 from kd.methods.base import INDEX, LOSS_CE, LOSS_DISTILL, LOSS_TOTAL, STRONG_VIEW, Method
-from kd.spec import COLLAPSE_FACTOR, DEFAULT_COLLAPSE_AFTER, RunSpec
+from kd.spec import RunSpec
 from kd.tracking import tags as T
 from kd.tracking.runs import RunTracker
 
@@ -48,9 +48,6 @@ def diverged(what: str, method: str, epoch: int, step: int, values: dict[str, fl
     """The guard's one message (eager or graphed): what, in which method, epoch and 1-based step."""
     shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
     return TrainingDiverged(f"{what} in method '{method}' at epoch {epoch}, step {step}: {shown}")
-
-
-EpochCallback = Callable[["Student", int, dict[str, float]], None]
 
 
 class Stopped(Exception):
@@ -112,7 +109,6 @@ class Student:
     history: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     best_acc: float = -1.0
     best_weights: dict[str, Tensor] | None = None
-    skipped_in_a_row: int = 0
     logged_epochs: set[int] = field(default_factory=set)  # epochs MLflow already has (after a fallback)
 
     def state(self) -> dict[str, Any]:
@@ -162,6 +158,34 @@ class Student:
         for epoch in range(1, self.epoch + 1):
             if epoch not in self.logged_epochs:
                 self.tracker.log_epoch(epoch, {k: v[epoch - 1] for k, v in self.history.items()})
+
+
+@dataclass
+class EpochEnd:
+    """What the epoch-end callbacks see: one trainee's finished epoch (composer's `State`, for one run)."""
+
+    trainer: Trainer
+    trainee: Student
+    epoch: int
+    metrics: dict[str, float]  # logged with `step=epoch`; in the trainee's history once committed
+    seconds: float  # the epoch's wall time (the pack's)
+
+
+class Callback:
+    """Per-epoch work beyond training, in the manner of composer's callbacks: the trainer calls each of
+    its callbacks in order, for each trainee that finished the epoch. So a new logged quantity is one
+    callback whose `measure` adds it; `kd/engine/callbacks.py` holds the standard ones."""
+
+    def measure(self, end: EpochEnd) -> None:
+        """Add quantities to `end.metrics` before the checkpoint commits them (so a kill loses none)."""
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        """After the commit: log, report, guard. A raise stops the training (Optuna's pruning)."""
+
+
+# What `run_specs(on_epoch=...)` takes: a callback, or a function of (trainee, epoch, metrics) called
+# where a callback's `on_epoch_end` is.
+EpochCallback = Callback | Callable[[Student, int, dict[str, float]], None]
 
 
 def build_optimizer(spec: RunSpec, params: list[nn.Parameter], graphed: bool = False) -> torch.optim.Optimizer:
@@ -248,16 +272,18 @@ def student_losses(
 
 @dataclass
 class Tally:
-    """A student's sums and guard state for the epoch, kept on the device (no host read per step).
+    """A trainee's sums and guard state for the epoch, kept on the device (no host read per step).
 
-    `sums` carries the host's `Student.sums` (loaded before, stored back after), and each step adds
+    `load` takes the host's `Student.sums` (`store` puts them back), and each step adds
     `value * batch size` in float64 in the order the values come, so the sums are those of Python
-    floats added step by step (bit-identical on the CPU, eager or graphed).
+    floats added step by step (bit-identical on the CPU, eager or graphed). The skipped-step streak
+    stays here across epochs.
     """
 
     keys: list[str]  # loss_total, loss_ce, loss_distill, the method's terms
     sums: Tensor  # float64 (K,): sum over steps of value * batch size
     correct: Tensor  # float64 ()
+    seen: Tensor  # float64 (): images stepped on
     streak: Tensor  # int64 (): fp16 steps skipped in a row
     first: Tensor  # int64 (2,): first step with a non-finite value / at which the streak tripped (0: none)
     first_values: Tensor  # float64 (2, K): the logged values at those steps
@@ -266,20 +292,21 @@ class Tally:
     def create(cls, keys: list[str], device: torch.device) -> Tally:
         k = len(keys)
         f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
-        return cls(keys, torch.zeros(k, **f64), torch.zeros((), **f64), torch.zeros((), **i64),
-                   torch.zeros(2, **i64), torch.zeros(2, k, **f64))
+        return cls(keys, torch.zeros(k, **f64), torch.zeros((), **f64), torch.zeros((), **f64),
+                   torch.zeros((), **i64), torch.zeros(2, **i64), torch.zeros(2, k, **f64))
 
-    def load(self, s: Student) -> None:
-        self.sums.copy_(torch.tensor([s.sums.get(k, 0.0) for k in self.keys], dtype=torch.float64))
-        self.correct.fill_(s.sums.get("correct", 0.0))
-        self.streak.fill_(s.skipped_in_a_row)
+    def load(self, sums: dict[str, float]) -> None:
+        self.sums.copy_(torch.tensor([sums.get(k, 0.0) for k in self.keys], dtype=torch.float64))
+        self.correct.fill_(sums.get("correct", 0.0))
+        self.seen.fill_(sums.get("seen", 0.0))
         self.first.zero_()
 
-    def store(self, s: Student) -> None:
-        for k, v in zip(self.keys, self.sums.tolist(), strict=True):
-            s.sums[k] = v
-        s.sums["correct"] = self.correct.item()
-        s.skipped_in_a_row = int(self.streak.item())
+    def store(self, sums: dict[str, float]) -> None:
+        """The device sums into `sums` (one host read), `seen` first as the host counted it before."""
+        seen, *values, correct = torch.cat([self.seen[None], self.sums, self.correct[None]]).tolist()
+        sums["seen"] = seen
+        sums.update(zip(self.keys, values, strict=True))
+        sums["correct"] = correct
 
     def record(self, logged: dict[str, Tensor], logits: Tensor, y: Tensor, step: Tensor | int,
                skipped: Tensor) -> None:
@@ -287,6 +314,7 @@ class Tally:
         values = torch.stack([t.detach().double() for t in logged.values()])
         self.sums.add_(values * len(y))
         self.correct.add_((logits.argmax(1) == y).sum())
+        self.seen.add_(len(y))
         self.streak.copy_(torch.where(skipped, self.streak + 1, 0))
         happened = torch.stack([~torch.isfinite(values).all(), self.streak >= MAX_SKIPPED_STEPS])
         new = happened & (self.first == 0)
@@ -303,6 +331,40 @@ class Tally:
             raise diverged((NON_FINITE, SKIPPED)[i], method, epoch, step, values)
 
 
+class RunningSums:
+    """The one home of a pack's running sums: each trainee's device `Tally`, by its index in the pack.
+
+    A trainee's sums move onto the device at its first step of an epoch (`record`, or `hold` before a
+    capture) and back into `Student.sums`, their host form that checkpoints and the epoch's end read,
+    at `settle`: so no step reads the host, and the sums are never in two places at once.
+    """
+
+    def __init__(self, trainees: list[Student]) -> None:
+        self.trainees = trainees
+        self.tallies: dict[int, Tally] = {}  # made at a trainee's first step, when its term names are known
+        self.held: dict[int, Tally] = {}  # the tallies holding their trainee's sums now, in the order held
+
+    def record(self, i: int, logged: dict[str, Tensor], logits: Tensor, y: Tensor, step: Tensor | int,
+               skipped: Tensor) -> None:
+        """Trainee `i`'s step (capturable once held: the graphed trainer holds its trainees first)."""
+        if i not in self.tallies:  # its first step (eager, or a graph's warm-up)
+            self.tallies[i] = Tally.create(list(logged), y.device)
+        self.hold(i)
+        self.tallies[i].record(logged, logits, y, step, skipped)
+
+    def hold(self, i: int) -> None:
+        """Trainee `i`'s sums onto the device, unless they are there or it has not stepped yet."""
+        if i in self.tallies and i not in self.held:
+            self.tallies[i].load(self.trainees[i].sums)
+            self.held[i] = self.tallies[i]
+
+    def settle(self) -> None:
+        """Every held trainee's sums back into its `Student.sums`."""
+        for i, tally in self.held.items():
+            tally.store(self.trainees[i].sums)
+        self.held = {}
+
+
 Forward = Callable[[Tensor], list[Tensor]]
 TEACHER_STRONG = "teacher_strong"  # the batch's extra: the teacher's outputs on the STRONG_VIEW
 
@@ -310,8 +372,9 @@ TEACHER_STRONG = "teacher_strong"  # the batch's extra: the teacher's outputs on
 class Trainer:
     """Runs the epochs of a pack of students that share data, seed, teacher and batch size, each
     step eagerly. Every step, eager or captured in a CUDA graph (kd/engine/fast.py), is `step`;
-    its sums and the guard's state are a device `Tally` per student, read by `check` (the guard:
-    after each eager step here) and stored back into `Student.sums` by `settle`."""
+    its sums and the guard's state are in `running_sums`, read by `check` (the guard: after each
+    eager step here) and stored back into `Student.sums` by `settle`. What happens after an epoch
+    is trained (logging, the progress line, the collapse guard, tuning's pruning) is `callbacks`."""
 
     def __init__(
         self,
@@ -322,20 +385,17 @@ class Trainer:
         precision: Precision,
         should_stop: Callable[[], bool] = lambda: False,
         progress: bool | None = None,
-        on_epoch: EpochCallback | None = None,
         forwards: CompiledForwards | None = None,
-        collapse_after: int = DEFAULT_COLLAPSE_AFTER,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.students, self.data, self.teacher, self.precision = students, data, teacher, precision
         self.forwards = forwards or CompiledForwards(enabled=False)
-        self.collapse_after = collapse_after
-        self.failed: dict[int, TrainingDiverged] = {}  # by id(student): dropped from the pack, run FAILED
-        self.on_epoch = on_epoch
+        self.callbacks = list(callbacks)
+        self.failed: dict[int, TrainingDiverged] = {}  # by trainee index: dropped from the pack, run FAILED
         self.should_stop = should_stop
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.spec = students[0].spec
-        self.tallies: dict[int, Tally] = {}  # by id(student), made at its first step
-        self.held: dict[int, Student] = {}  # students whose sums live in their tally right now
+        self.running_sums = RunningSums(students)
         self.epoch = 0  # of the batch being trained (the guard's messages name it)
 
     def run(self) -> None:
@@ -351,14 +411,18 @@ class Trainer:
                 if self.alive(s):
                     self.finish_epoch(s, epoch, time.perf_counter() - started)
 
+    def index(self, s: Student) -> int:
+        """The trainee's place in the pack: what the trainer's per-trainee state is keyed by."""
+        return next(i for i, trainee in enumerate(self.students) if trainee is s)
+
     def alive(self, s: Student) -> bool:
-        return id(s) not in self.failed
+        return self.index(s) not in self.failed
 
     def drop(self, s: Student, err: TrainingDiverged) -> None:
         """One student diverged or collapsed: its run ends FAILED now, the rest of the pack trains on."""
         if s.tracker is None:  # the bench: a benchmark of a broken step means nothing
             raise err
-        self.failed[id(s)] = err
+        self.failed[self.index(s)] = err
         s.tracker.end("FAILED", f"TrainingDiverged: {err}")
         print(f"kd: [{s.spec.name()}] run FAILED: {err}", file=sys.stderr, flush=True)
 
@@ -408,11 +472,10 @@ class Trainer:
         self.step(s, x, y, teacher_out, epoch, b + 1, forward, extras=extras)
         self.check([s])
         if self.alive(s):
-            self.stepped(s, len(y), b)
+            self.stepped(s, b)
 
-    def stepped(self, s: Student, n: int, b: int) -> None:
-        """A student's batch `b` (of `n` images) is done."""
-        s.sums["seen"] += n
+    def stepped(self, s: Student, b: int) -> None:
+        """A student's batch `b` is done."""
         s.batch = b + 1
         crash_point("step")
 
@@ -447,54 +510,44 @@ class Trainer:
             s.scaler.step(s.optimizer)
             s.scaler.update()
             skipped = s.scaler._get_scale_async() < before  # a skipped step backs the scale off
-        tally = self.tallies.get(id(s))
-        if tally is None:  # its first step (eager, or a graph's warm-up): the term names are known now
-            tally = self.tallies[id(s)] = Tally.create(list(logged), x.device)
-        if id(s) not in self.held:  # never inside a capture: the graphed trainer holds its students first
-            self.hold_sums(s)
-        tally.record(logged, out[-1], y, step, skipped)
-
-    def hold_sums(self, s: Student) -> None:
-        """The student's sums move into its tally (until `settle`)."""
-        if id(s) in self.tallies and id(s) not in self.held:
-            self.tallies[id(s)].load(s)
-            self.held[id(s)] = s
+        self.running_sums.record(self.index(s), logged, out[-1], y, step, skipped)
 
     def check(self, students: list[Student] | None = None) -> None:
         """The guard (every divergence, eager or graphed): read the tallies of `students` (default:
         all held); a student with a non-finite loss or MAX_SKIPPED_STEPS skipped steps in a row
         leaves the pack, its run FAILED naming the method, epoch, first bad step and its values."""
-        for s in list(self.held.values()) if students is None else students:
-            if self.alive(s) and id(s) in self.held:
+        held = self.running_sums.held
+        for i in list(held) if students is None else map(self.index, students):
+            if i not in self.failed and i in held:
                 try:
-                    self.tallies[id(s)].check(s.spec.method, self.epoch)
+                    held[i].check(self.students[i].spec.method, self.epoch)
                 except TrainingDiverged as err:
-                    self.drop(s, err)
+                    self.drop(self.students[i], err)
 
     def settle(self) -> None:
         """The guard's read, then the device sums back into the students (before they are read)."""
         self.check()
-        for s in self.held.values():
-            self.tallies[id(s)].store(s)
-        self.held = {}
-
-    def collapsed(self, s: Student, epoch: int) -> TrainingDiverged | None:
-        """Not learning: no accuracy of the last `collapse_after` epochs reached COLLAPSE_FACTOR x chance
-        (the beta RKD runs sat at chance for 150 epochs and nobody was told). Measured on the
-        validation split where there is one, so that the test set never decides a tuning trial."""
-        window = self.collapse_after
-        split = "val_acc" if len(self.data.val) else "test_acc"
-        recent = s.history[split][-window:]
-        chance = 100.0 / self.data.num_classes
-        if not window or epoch < window or max(recent) >= COLLAPSE_FACTOR * chance:
-            return None
-        return TrainingDiverged(
-            f"collapsed: method '{s.spec.method}' stayed at {max(recent):.2f} % {split} or less for "
-            f"{window} epochs (epoch {epoch}), below {COLLAPSE_FACTOR:g}x chance ({chance:.2f} %); "
-            f"stopped (--collapse-after 0 trains on regardless)")
+        self.running_sums.settle()
 
     def finish_epoch(self, s: Student, epoch: int, seconds: float) -> None:
-        """Evaluate, update best, commit the checkpoint, then log the epoch's metrics."""
+        """Measure the epoch, commit it with the checkpoint, then the callbacks' epoch end (logging...)."""
+        end = EpochEnd(self, s, epoch, self.measure(s), seconds)
+        for callback in self.callbacks:
+            callback.measure(end)
+        s.scheduler.step()
+        if end.metrics["test_acc"] > s.best_acc:
+            s.best_acc = end.metrics["test_acc"]
+            s.best_weights = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+        for k, v in end.metrics.items():
+            s.history[k].append(v)
+        s.epoch, s.batch, s.sums = epoch, 0, defaultdict(float)
+        s.checkpoints.save(s.state())
+        for callback in self.callbacks:
+            callback.on_epoch_end(end)
+
+    def measure(self, s: Student) -> dict[str, float]:
+        """The epoch's training means (of the settled sums) and accuracy, its learning rate, and the
+        test (and validation) loss and accuracy."""
         seen = s.sums.pop("seen")
         correct = s.sums.pop("correct")
         metrics = {k: v / seen for k, v in s.sums.items()}
@@ -503,27 +556,4 @@ class Trainer:
         metrics["test_loss"], metrics["test_acc"] = evaluate(s.model, self.data, self.data.test, self.precision)
         if len(self.data.val):
             metrics["val_loss"], metrics["val_acc"] = evaluate(s.model, self.data, self.data.val, self.precision)
-        metrics["epoch_time"] = seconds
-        s.scheduler.step()
-        if metrics["test_acc"] > s.best_acc:
-            s.best_acc = metrics["test_acc"]
-            s.best_weights = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
-        for k, v in metrics.items():
-            s.history[k].append(v)
-        s.epoch, s.batch, s.sums = epoch, 0, defaultdict(float)
-        s.checkpoints.save(s.state())
-        crash_point("metrics_log")
-        if epoch not in s.logged_epochs:  # re-trained after falling back to an older checkpoint
-            s.tracker.log_epoch(epoch, metrics)
-        if self.on_epoch is not None:
-            self.on_epoch(s, epoch, metrics)
-        if not self.progress or len(self.students) > 1:
-            print(
-                f"[{s.spec.name()}] epoch {epoch}/{s.spec.epochs} loss_total {metrics[LOSS_TOTAL]:.4f} "
-                f"train_acc {metrics['train_acc']:.2f} test_acc {metrics['test_acc']:.2f} "
-                f"lr {metrics['lr']:.4g} ({seconds:.1f}s)",
-                flush=True,
-            )
-        collapsed = self.collapsed(s, epoch)
-        if collapsed is not None:
-            self.drop(s, collapsed)
+        return metrics

@@ -29,7 +29,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from kd.engine.job import run_specs
-from kd.engine.trainer import Stopped, Student, TrainingDiverged
+from kd.engine.trainer import Callback, EpochEnd, Stopped, TrainingDiverged
 from kd.errors import SpecError
 from kd.spec import RunOptions, RunSpec
 from kd.tracking.registry import alias, missing_teacher, teacher_version
@@ -256,6 +256,23 @@ def reconcile(client: MlflowClient, experiment: str, study: optuna.Study) -> Non
             client.set_terminated(run.info.run_id, status="FAILED")
 
 
+class PruneTrial(Callback):
+    """Optuna's side of a trial's epochs: the first names the trial's MLflow run; each reports
+    val_acc to the trial, and the pruner may stop it there (`optuna.TrialPruned`)."""
+
+    def __init__(self, trial: optuna.Trial, pruner: str) -> None:
+        self.trial, self.pruner = trial, pruner  # pruner: how the study's pruner is described
+        self.val_acc: float | None = None  # the last epoch's: the objective
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        if self.val_acc is None:
+            self.trial.set_user_attr("mlflow_run_id", end.trainee.tracker.run_id)
+        self.val_acc = end.metrics["val_acc"]
+        self.trial.report(self.val_acc, end.epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"val_acc {self.val_acc:.2f} % at epoch {end.epoch}: pruned by {self.pruner}")
+
+
 class Objective:
     """Train one trial's spec as a child run; report val_acc per epoch to the pruner."""
 
@@ -271,22 +288,12 @@ class Objective:
         trial.set_user_attr("kd_key", spec.key())
         tags = {"mlflow.parentRunId": self.parent, "kd.study": self.w.study, "kd.tuning": "trial",
                 "kd.trial": str(trial.number)}
-        last: dict[str, float] = {}
-
-        def on_epoch(student: Student, epoch: int, metrics: dict[str, float]) -> None:
-            if not last:
-                trial.set_user_attr("mlflow_run_id", student.tracker.run_id)
-            last["val_acc"] = metrics["val_acc"]
-            trial.report(metrics["val_acc"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val_acc {metrics['val_acc']:.2f} % at epoch {epoch}: pruned by "
-                                         f"{self.config.describe_pruner()}")
-
+        pruning = PruneTrial(trial, self.config.describe_pruner())
         state = "FAIL"
         try:
-            run_specs([spec], experiment=self.experiment, options=self.w.options, force=True, progress=False, extra_tags=tags, on_epoch=on_epoch)
+            run_specs([spec], experiment=self.experiment, options=self.w.options, force=True, progress=False, extra_tags=tags, on_epoch=pruning)
             state = "COMPLETE"
-            return last["val_acc"]
+            return pruning.val_acc
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
