@@ -4,7 +4,8 @@ A module may import its own layer and the layers below it, never one above; noth
 circle (imports under `if TYPE_CHECKING:` included: a type is no reason for a back-reference); a function imports
 none of kd's own modules except in the command line (whose handlers load what they run when they
 run, so that `kd --help` stays light) or on a line whose comment says why; a method never names the engine (the layers forbid it) and the engine never
-names a method (only the registry, `kd.methods` and `kd.methods.base`); analysis never names the engine.
+names a method (only the registry, `kd.methods` and `kd.methods.base`) and imports no mlflow; analysis never
+names the engine.
 """
 
 from __future__ import annotations
@@ -136,6 +137,24 @@ def test_the_engine_names_no_method_and_tracking_and_analysis_no_engine():
              if (module.startswith("kd.engine") and target.startswith("kd.methods")
                  and target not in ENGINE_SEES_OF_METHODS)
              or (module.startswith(("kd.tracking", "kd.methods", "kd.analysis")) and target.startswith("kd.engine"))]
+    assert not wrong, "\n".join(wrong)
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (functions and type-checking blocks too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return names
+
+
+def test_the_engine_reaches_the_store_only_through_tracking():
+    """The engine records through its runs' trackers (kd/tracking/session.py): it imports no mlflow."""
+    wrong = [f"{module} imports {name}" for module, path in MODULES.items() if module.startswith("kd.engine")
+             for name in sorted(imported_names(path)) if name == "mlflow" or name.startswith("mlflow.")]
     assert not wrong, "\n".join(wrong)
 
 

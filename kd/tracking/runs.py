@@ -43,6 +43,7 @@ from kd.tracking.journal import (
     store_run_id,
 )
 from kd.tracking.ledger import Ledger, owner_id
+from kd.tracking.presentation import SUMMARY_STEP, summary_values
 from kd.tracking.store import experiment_id, get_client
 
 
@@ -254,6 +255,7 @@ class RunTracker:
     sender: Shipper | None = None
     lock: WriterLock | None = None
     store_steps: dict[str, set[int]] = field(default_factory=dict)
+    ended: str | None = None  # the status this process ended the run with
 
     @classmethod
     def open(
@@ -274,43 +276,14 @@ class RunTracker:
         spec's run when the spec has none yet (see docs/architecture.md for the other cases).
         """
         client = get_client()
-        ledger = Ledger(client)
-        exp = experiment_id(client, experiment)
-        owner = owner_id()
-        deadline = time.monotonic() + CREATION_WAIT_S
-        while True:
-            existing = [r for r in runs_by_key(client, spec.key(), experiment) if r.info.run_id != attach_run_id]
-            latest = existing[0] if existing else None
-            if latest is not None and latest.info.status == "FINISHED" and not force:
-                raise AlreadyFinished(
-                    f"spec {spec.key()} already trained in run {latest.info.run_id} "
-                    f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt",
-                    latest, spec,
-                )
-            if latest is not None and lease_is_live(latest):
-                raise busy(spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
-            if latest is not None and latest.info.status != "FINISHED" and not force:
-                run_id, resume = latest.info.run_id, True
-                resume_folder(ledger, spec, latest, journal_root / run_id)
-                if attach_run_id and attach_run_id != run_id:
-                    client.set_tag(attach_run_id, T.RESUMED_IN, run_id)
-                break
-            made = [r for r in runs_made(client, spec.key(), experiment) if r.info.run_id != attach_run_id]
-            attempt, holder = claim_creation(ledger, exp, spec, len(made) + 1, attach_run_id or owner)
-            if holder in (attach_run_id, owner):
-                tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if attempt > 1 else {})}
-                run_id, resume = make_spec_run(client, exp, spec, tags, attach_run_id), False
-                break
-            if time.monotonic() > deadline:  # the winner died between its claim and its run
-                raise busy(spec, holder, "(not created yet)")
-            force = False  # the attempt is the winner's: from now on its run is the one to wait for
-            time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
-        generation = take_lease(ledger, client, spec, run_id, owner)
-        tags = {T.OWNER: owner, T.HEARTBEAT: heartbeat_now(), T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
+        runs = SpecRuns(client, Ledger(client), spec, experiment, attach_run_id, owner_id())
+        run_id, resume = runs.find_or_create(journal_root, force, extra_tags)
+        generation = take_lease(runs.ledger, client, spec, run_id, runs.owner)
+        tags = {T.OWNER: runs.owner, T.HEARTBEAT: heartbeat_now(), T.HOST: socket.gethostname(), T.TRACKING: DIRECT}
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.update_run(run_id, status="RUNNING")
         tracker = cls(run_id, spec, Journal(journal_root / run_id), resume, client, sender)
-        tracker.journal.append(LEASE, sync=True, generation=generation, owner=owner)
+        tracker.journal.append(LEASE, sync=True, generation=generation, owner=runs.owner)
         if resume:
             tracker.store_steps = {"test_acc": {m.step for m in client.get_metric_history(run_id, "test_acc")}}
         if sender is not None:
@@ -391,6 +364,19 @@ class RunTracker:
         if error:
             self.record("log", tags={T.ERROR: error[:5000]})
         self.record("status", sync=True, status=status)
+        self.ended = status
+
+    def finish(self, best: Path, history: dict[str, list[float]], shape: dict[str, int], best_acc: float) -> None:
+        """best.pth (written there), metrics.json, the summary metrics and the logged model, FINISHED,
+        then (teachers) the registry alias and the description that names it: in this order in the
+        journal, so the teacher is registered only once all of its epochs are in the store."""
+        self.log_file(best)
+        self.log_json("metrics.json", {**history, "config": self.spec.to_dict()})
+        self.record("log", step=SUMMARY_STEP, metrics=summary_values(history))
+        self.record("model", spec=self.spec.to_dict(), path=str(best.relative_to(self.journal.folder)), shape=shape)
+        self.end("FINISHED")
+        if self.spec.role == "teacher":
+            self.record("register", sync=True, spec=self.spec.to_dict(), best_acc=best_acc)
 
     def release(self) -> None:
         self.journal.close()
@@ -446,6 +432,71 @@ def make_spec_run(client: MlflowClient, exp: str, spec: RunSpec, tags: dict[str,
     run_id = client.create_run(exp, run_name=spec.name()).info.run_id
     write_spec(client, run_id, spec, tags)
     return run_id
+
+
+@dataclass
+class SpecRuns:
+    """The runs of one spec in the store, as one process looking for the run to train sees them (the run
+    `mlflow run` made for this process, `attach_run_id`, is not one of them until it is the spec's)."""
+
+    client: MlflowClient
+    ledger: Ledger
+    spec: RunSpec
+    experiment: str
+    attach_run_id: str | None
+    owner: str
+    exp: str = field(init=False)  # the experiment's id, made if new
+
+    def __post_init__(self) -> None:
+        self.exp = experiment_id(self.client, self.experiment)
+
+    def find_or_create(self, journal_root: Path, force: bool, extra_tags: dict[str, str] | None) -> tuple[str, bool]:
+        """The run to train and whether it resumes: the spec's unfinished run, else a new one if this
+        process wins its creation; one that loses waits (at most CREATION_WAIT_S) for the winner's run."""
+        deadline = time.monotonic() + CREATION_WAIT_S
+        latest = self.to_resume(force)
+        while latest is None:
+            run_id, creator = self.create(extra_tags)
+            if run_id is not None:
+                return run_id, False
+            if time.monotonic() > deadline:  # the winner died between its claim and its run
+                raise busy(self.spec, creator, "(not created yet)")
+            time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
+            latest = self.to_resume(force=False)  # the attempt is the winner's: its run is the one to wait for
+        resume_folder(self.ledger, self.spec, latest, journal_root / latest.info.run_id)
+        if self.attach_run_id:
+            self.client.set_tag(self.attach_run_id, T.RESUMED_IN, latest.info.run_id)
+        return latest.info.run_id, True
+
+    def to_resume(self, force: bool) -> Run | None:
+        """The spec's newest run if it is to be resumed; None when a run is to be made (there is none,
+        or `force` asks for a new attempt). Refused: a FINISHED run (unless forced), a run trained now."""
+        existing = [r for r in runs_by_key(self.client, self.spec.key(), self.experiment)
+                    if r.info.run_id != self.attach_run_id]
+        if not existing:
+            return None
+        latest = existing[0]
+        if latest.info.status == "FINISHED" and not force:
+            raise AlreadyFinished(
+                f"spec {self.spec.key()} already trained in run {latest.info.run_id} "
+                f"('{latest.info.run_name}', FINISHED): pass --force to train a new attempt",
+                latest, self.spec,
+            )
+        if lease_is_live(latest):
+            raise busy(self.spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
+        return None if force else latest
+
+    def create(self, extra_tags: dict[str, str] | None) -> tuple[str | None, str]:
+        """The spec's next attempt, made if this process wins its creation claim: (its run id, or None
+        when another claimant won; the claimant)."""
+        made = [r for r in runs_made(self.client, self.spec.key(), self.experiment)
+                if r.info.run_id != self.attach_run_id]
+        attempt, creator = claim_creation(self.ledger, self.exp, self.spec, len(made) + 1,
+                                          self.attach_run_id or self.owner)
+        if creator not in (self.attach_run_id, self.owner):
+            return None, creator
+        tags = {**(extra_tags or {}), **({T.ATTEMPT: str(attempt)} if attempt > 1 else {})}
+        return make_spec_run(self.client, self.exp, self.spec, tags, self.attach_run_id), creator
 
 
 def local_run_folder(root: Path, spec: RunSpec, experiment: str, force: bool = False) -> Path:
