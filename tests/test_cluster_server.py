@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -54,6 +55,8 @@ def test_sixteen_trainings_log_every_point_through_the_server(tmp_path):
     try:
         wait_for(lambda: healthy(url) or server.poll() is not None, 180, "mlflow server")
         assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        helpers = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
+        assert not [c for c in helpers if "jobs._job_runner" in c or "huey" in c], helpers  # no GenAI job daemons
         experiment = f"server-{uuid.uuid4().hex[:8]}"  # the database outlives this test
         env = {**os.environ, "MLFLOW_TRACKING_URI": url}
         env.pop("MLFLOW_RUN_ID", None)

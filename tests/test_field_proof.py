@@ -24,6 +24,7 @@ import requests
 from mlflow import MlflowClient
 
 from kd.cluster.planner import RESUME, observe, plan
+from kd.cluster.server import SERVER_SETTINGS
 from kd.engine.job import run_specs
 from kd.spec import RunSpec
 from kd.tracking.journal import JOURNAL, local_state, read_records
@@ -58,7 +59,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend, "--artifacts-destination",
              str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **SERVER_SETTINGS})
         deadline = time.time() + 180
         while time.time() < deadline:
             try:

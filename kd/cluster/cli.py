@@ -185,7 +185,7 @@ def cmd_cron(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from kd.cluster.server import server_argv
+    from kd.cluster.server import SERVER_SETTINGS, server_argv
 
     if not args.backend_store_uri:
         raise SpecError("kd server needs --backend-store-uri postgresql://USER:PASSWORD@HOST:5432/DB")
@@ -193,4 +193,6 @@ def cmd_server(args: argparse.Namespace) -> int:
                        workers=args.workers, app_name=args.app_name)
     print(f"MLflow server on http://{args.host}:{args.port} (artifacts in {argv[argv.index('--artifacts-destination') + 1]});"
           f" point kd at it: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
+    for name, value in SERVER_SETTINGS.items():
+        os.environ.setdefault(name, value)
     os.execv(argv[0], argv)  # the server replaces this process

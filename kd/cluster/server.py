@@ -14,6 +14,9 @@ from pathlib import Path
 from kd.errors import SpecError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# MLflow's server starts a job runner and a pool of huey consumers for its GenAI jobs (scorers,
+# trace roll-ups) by default; kd's runs need none of them, and a login node is spared the daemons.
+SERVER_SETTINGS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def server_argv(backend_store_uri: str, artifacts_destination: str, *, host: str = "127.0.0.1",
