@@ -75,9 +75,9 @@ def sqlite_path(uri: str | None = None) -> Path | None:
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # A store that refuses or does not accept the connection is down: 5 s. One that accepted it is
-# there but busy (a server taking 16 jobs' first requests at once on a loaded 2-core node took over
-# 10 s in CI): 30 s more for its answer.
-PROBE_CONNECT_S, PROBE_READ_S = 5.0, 30.0
+# there but busy (a server taking 16 jobs' first requests at once): 10 s more for its answer, so a
+# hanging API is one line within 15 s.
+PROBE_CONNECT_S, PROBE_READ_S = 5.0, 10.0
 # The probe asks the API itself (a search reads the server's database), not only /health: a server
 # whose database hangs answers /health and then hangs every request of the run.
 PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
