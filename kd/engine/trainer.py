@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from kd.faults import crash_point
 from kd.methods.base import INDEX, LOSS_CE, LOSS_DISTILL, LOSS_TOTAL, STRONG_VIEW, Method
 from kd.spec import RunSpec
 from kd.tracking import tags as T
-from kd.tracking.runs import RunTracker
 
 MAX_SKIPPED_STEPS = 100  # consecutive GradScaler skips before a run is declared broken
 
@@ -91,12 +90,25 @@ class Precision:
         return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
 
+class RunRecorder(Protocol):
+    """What the trainer records a trainee's run through: tracking's run (`RunTracker`), or the bench's
+    `NoRun`. The engine knows only this, not where the records go."""
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def logged_steps(self, key: str) -> set[int]: ...
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def end(self, status: str, error: str | None = None) -> None: ...
+
+
 @dataclass
 class Student:
     """One run being trained: its model, method, optimiser and progress."""
 
     spec: RunSpec
-    tracker: RunTracker
+    tracker: RunRecorder
     checkpoints: CheckpointStore
     model: nn.Module
     method: Method
@@ -149,8 +161,7 @@ class Student:
 
     def tag(self, tags: dict[str, str]) -> None:
         """Tags on the run, in one request."""
-        if self.tracker is not None:  # the bench's students have no run
-            self.tracker.set_tags(tags)
+        self.tracker.set_tags(tags)
 
     def catch_up_metrics(self) -> None:
         """Log the epochs the checkpoint holds but MLflow lacks (a kill between commit and log)."""
@@ -419,9 +430,8 @@ class Trainer:
         return self.index(s) not in self.failed
 
     def drop(self, s: Student, err: TrainingDiverged) -> None:
-        """One student diverged or collapsed: its run ends FAILED now, the rest of the pack trains on."""
-        if s.tracker is None:  # the bench: a benchmark of a broken step means nothing
-            raise err
+        """One student diverged or collapsed: its run ends FAILED now, the rest of the pack trains on
+        (the bench's students, which have no run, raise it at once)."""
         self.failed[self.index(s)] = err
         s.tracker.end("FAILED", f"TrainingDiverged: {err}")
         print(f"kd: [{s.spec.name()}] run FAILED: {err}", file=sys.stderr, flush=True)
