@@ -3,6 +3,7 @@ the store, malformed journal lines; and a run resumed from another journal folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -322,3 +323,22 @@ def test_unreadable_local_checkpoints_resume_from_the_stores_mirror(store, tmp_p
         kd.engine.job.run_specs([PURE], options=CPU, progress=False)
     assert f"resuming run {run.info.run_id} after epoch 2" in capsys.readouterr().out
     assert steps(run.info.run_id)["test_acc"] == [1, 2, 3]
+
+
+def test_a_pack_error_after_a_run_finished_leaves_that_run_finished(store, monkeypatch):
+    """The second student's finish raises: the first, already FINISHED (a teacher would be registered),
+    is not marked KILLED after it; only the run still open ends FAILED."""
+    real_finish, finished = kd.engine.job.finish, []
+
+    def finish_once(s, shape):
+        if finished:
+            raise ValueError("the second finish broke")
+        finished.append(real_finish(s, shape))
+        return finished[-1]
+
+    monkeypatch.setattr(kd.engine.job, "finish", finish_once)
+    pack = [PURE, dataclasses.replace(PURE, label_smoothing=0.0)]
+    with pytest.raises(ValueError, match="the second finish broke"):
+        kd.engine.job.run_specs(pack, options=CPU, progress=False)
+    status = {r.info.run_id: r.info.status for r in runs()}
+    assert status.pop(finished[0].run_id) == "FINISHED" and list(status.values()) == ["FAILED"], status
