@@ -31,7 +31,8 @@ from kd.spec import RunSpec
 from kd.tracking import store as store_module
 from kd.tracking import tags as T
 from kd.tracking.journal import JOURNAL, SET_ASIDE, JournalError, pending, shipped_seq
-from kd.tracking.runs import RunTracker
+from kd.tracking.ledger import Ledger
+from kd.tracking.runs import RunTracker, SpecRuns
 from kd.tracking.sender import sync_journals
 from kd.tracking.store import StoreUnreachable, get_client
 from tests.conftest import CPU
@@ -342,3 +343,17 @@ def test_a_pack_error_after_a_run_finished_leaves_that_run_finished(store, monke
         kd.engine.job.run_specs(pack, options=CPU, progress=False)
     status = {r.info.run_id: r.info.status for r in runs()}
     assert status.pop(finished[0].run_id) == "FINISHED" and list(status.values()) == ["FAILED"], status
+
+
+def test_a_run_made_between_looking_and_claiming_is_resumed_not_made_twice(store):
+    """Two identical starts: B looks (no run), A creates the spec's run, then B claims. B must go back
+    to A's run, not claim attempt 2 and train a second run (seen once in 4 starts on a server store)."""
+    client = get_client()
+    b = SpecRuns(client, Ledger(client), PURE, "kd", None, "process-b")
+    assert b.to_resume(force=False) is None  # B looked: nothing yet
+    a = SpecRuns(client, Ledger(client), PURE, "kd", None, "process-a")
+    made_by_a, _ = a.create(None, new_attempt=False)
+    assert made_by_a is not None
+    assert b.create(None, new_attempt=False)[0] is None  # B's claim: A's run is there now
+    assert [r.info.run_id for r in runs()] == [made_by_a]
+    assert b.to_resume(force=False).info.run_id == made_by_a

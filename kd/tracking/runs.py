@@ -456,13 +456,14 @@ class SpecRuns:
         deadline = time.monotonic() + CREATION_WAIT_S
         latest = self.to_resume(force)
         while latest is None:
-            run_id, creator = self.create(extra_tags)
+            run_id, creator = self.create(extra_tags, new_attempt=force)
             if run_id is not None:
                 return run_id, False
             if time.monotonic() > deadline:  # the winner died between its claim and its run
                 raise busy(self.spec, creator, "(not created yet)")
             time.sleep(0.2)  # another process won the creation: wait for its run, then race for its lease
-            latest = self.to_resume(force=False)  # the attempt is the winner's: its run is the one to wait for
+            force = False  # the attempt is the winner's: its run is the one to wait for
+            latest = self.to_resume(force)
         resume_folder(self.ledger, self.spec, latest, journal_root / latest.info.run_id)
         if self.attach_run_id:
             self.client.set_tag(self.attach_run_id, T.RESUMED_IN, latest.info.run_id)
@@ -486,11 +487,16 @@ class SpecRuns:
             raise busy(self.spec, latest.data.tags.get(T.OWNER), latest.info.run_id)
         return None if force else latest
 
-    def create(self, extra_tags: dict[str, str] | None) -> tuple[str | None, str]:
+    def create(self, extra_tags: dict[str, str] | None, new_attempt: bool) -> tuple[str | None, str]:
         """The spec's next attempt, made if this process wins its creation claim: (its run id, or None
-        when another claimant won; the claimant)."""
+        when another claimant won; the claimant). Unless a new attempt is asked for, a run that appeared
+        since `to_resume` looked (another process created it in between) is that run: this process
+        goes back to resume or wait for it, never claiming the attempt after it (a second run)."""
         made = [r for r in runs_made(self.client, self.spec.key(), self.experiment)
                 if r.info.run_id != self.attach_run_id]
+        appeared = [r for r in made if r.info.lifecycle_stage == "active"]
+        if appeared and not new_attempt:
+            return None, appeared[0].data.tags.get(T.OWNER, appeared[0].info.run_id)
         attempt, creator = claim_creation(self.ledger, self.exp, self.spec, len(made) + 1,
                                           self.attach_run_id or self.owner)
         if creator not in (self.attach_run_id, self.owner):
